@@ -32,6 +32,7 @@ import numpy as np
 from . import _kernel
 from .compiler import Program
 from .formats import CLAMP_MINUS, CLAMP_PLUS, PBIT, lane_seed_states
+from .sequence import Op, Opcode, SequenceError, sampling_sequence
 
 __all__ = ["Emulator", "sample", "chain_counts", "key_thresholds"]
 
@@ -190,13 +191,39 @@ class Emulator:
         """(chains, per_chain, model nodes): the state after ``burn_in`` sweeps, then every ``thin`` sweeps."""
         if per_chain < 0 or burn_in < 0 or thin < 1:
             raise ValueError("need per_chain >= 0, burn_in >= 0 and thin >= 1")
-        out = np.empty((self.chains, per_chain, self.program.n_model), dtype=np.int8)
         self.sweep(burn_in)
-        for k in range(per_chain):
-            if k:
-                self.sweep(thin)
-            out[:, k] = self.spins
-        return out
+        ops = [Op(Opcode.THIN, thin), Op(Opcode.CAPTURE, per_chain)] if per_chain else []
+        return self.run(ops)
+
+    def run(self, ops: list[Op], full: bool = False) -> np.ndarray:
+        """Execute a sequence (``opentsu.sequence``) as the fabric's sequencer does.
+
+        Returns the captured samples, (chains, captures, model nodes) int8, or fabric nodes with ``full``.
+        """
+        width = self.program.geometry.n if full else self.program.n_model
+        total = sum(op.arg for op in ops if op.code is Opcode.CAPTURE)
+        out = np.empty((self.chains, total, width), dtype=np.int8)
+        thin, taken = 1, 0
+        for op in ops:
+            if op.code is Opcode.LOAD:
+                if op.arg >= len(self.program.layers):
+                    raise SequenceError(f"LOAD {op.arg}: the program has {len(self.program.layers)} layers")
+                self.load_layer(op.arg)
+            elif op.code is Opcode.RANDOMIZE:
+                self.randomize()
+            elif op.code is Opcode.SWEEP:
+                self.sweep(op.arg)
+            elif op.code is Opcode.THIN:
+                thin = op.arg
+            elif op.code is Opcode.CAPTURE:
+                for k in range(op.arg):
+                    if k:
+                        self.sweep(thin)
+                    out[:, taken] = self.fabric_spins if full else self.spins
+                    taken += 1
+            elif op.code is Opcode.END:
+                break
+        return out[:, :taken]
 
 
 def chain_counts(n: int, chains: int) -> list[int]:
@@ -209,16 +236,15 @@ def sample(program: Program, n: int, chains: int = 1, burn_in: int = 100, thin: 
            layer: int = 0) -> np.ndarray:
     """Contract §2 sampling on the emulator: (n, model nodes) int8, chain-major.
 
-    Each chain: ``load_layer``, ``randomize``, ``burn_in`` sweeps, then a sample every ``thin`` sweeps.
+    Each chain runs ``sequence.sampling_sequence``: load, randomize, ``burn_in`` sweeps, then a sample
+    every ``thin`` sweeps. (A board runs each chain with its own count; extra samples here are dropped.)
     """
     if chains < 1 or n < 0:
         raise ValueError("need chains >= 1 and n >= 0")
     counts = chain_counts(n, chains)
     emu = Emulator(program, chains=chains, seed=seed)
     try:
-        emu.load_layer(layer)
-        emu.randomize()
-        per = emu.sample(max(counts), burn_in, thin)
+        per = emu.run(sampling_sequence(max(counts), burn_in, thin, layer))
     finally:
         emu.close()
     return np.concatenate([per[c, :counts[c]] for c in range(chains)], axis=0)
