@@ -13,8 +13,8 @@ Image layout (little endian), version 1::
     u16 layers  u32 model_nodes  u16 model_rows  u16 model_cols  u8 model_torus
     f64 beta  f64 × 5 report (weight max/mean, bias max, field max/mean error)  u32 saturated
     per layer:  lanes × cycles weight words, ceil(7·degree/8) bytes each, weight d in bits [7d, 7d+7)
-                lanes × cycles node words, u16: h in bits 0..6, c in bits 7..13, clamp in bits 14..15
-                (0 free, 1 clamped to +1, 2 clamped to -1)
+                lanes × cycles node words, u16: p = h + c in bits 7..0, q = h - c in bits 15..8
+                (a clamped node: p = q = its clamp code ±127; see ``formats.node_words``)
     u32 CRC-32 of everything before it
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .fabric import PRESETS, FabricConfig, FabricGeometry, VirtualGeometry, DEFAULT_LATENCY
-from .formats import BIAS, COUPLING, WEIGHT
+from .formats import BIAS, COUPLING, WEIGHT, node_fields, node_words
 from .model import IsingModel, ModelError
 from .topology import Grid, SparseGraph, TopologyError, canonical_jump, opposite
 
@@ -36,7 +36,6 @@ __all__ = ["LayerCodes", "QuantReport", "Program", "ImageError", "FloatLayer", "
 
 MAGIC = b"OTSU"
 IMAGE_VERSION = 1
-CLAMP_CODES = {0: 0, 1: 1, -1: 2}
 
 
 class ImageError(ValueError):
@@ -132,10 +131,9 @@ class Program:
         return _by_schedule(self.geometry.schedule, packed)
 
     def node_image(self, layer: int) -> np.ndarray:
-        """(lanes, cycles) uint16: the node word (h, c, clamp) each lane reads on each sweep cycle."""
+        """(lanes, cycles) uint16: the node word (``formats.node_words``) each lane reads on each sweep cycle."""
         lay = self.layers[layer]
-        clamp = np.vectorize(CLAMP_CODES.get, otypes=[np.int64])(lay.clamp)
-        words = (BIAS.to_unsigned(lay.bias) | COUPLING.to_unsigned(lay.coupling) << 7 | clamp << 14).astype(np.uint64)
+        words = node_words(lay.bias, lay.coupling, lay.clamp).astype(np.uint64)
         return _by_schedule(self.geometry.schedule, words).astype(np.uint16)
 
     # -- binary image
@@ -239,6 +237,7 @@ def _decode_layer(geometry: FabricGeometry, words: np.ndarray, node_words: np.nd
     coupling = np.zeros(n, dtype=np.int16)
     clamp = np.zeros(n, dtype=np.int8)
     sched = geometry.schedule
+    node_word_of = np.zeros(n, dtype=np.int64)
     for lane in range(geometry.lanes):
         for tau in range(geometry.cycles):
             node = sched[tau, lane]
@@ -251,12 +250,11 @@ def _decode_layer(geometry: FabricGeometry, words: np.ndarray, node_words: np.nd
                 raise ImageError(f"weight word of node {node} has bits above its {degree} weights")
             for d in range(degree):
                 weights[node, d] = WEIGHT.from_unsigned(word >> (WEIGHT.bits * d))
-            bias[node] = BIAS.from_unsigned(nword)
-            coupling[node] = COUPLING.from_unsigned(nword >> 7)
-            code = nword >> 14
-            if code == 3:
-                raise ImageError(f"node {node} has the invalid clamp code 3")
-            clamp[node] = (0, 1, -1)[code]
+            node_word_of[node] = nword
+    try:
+        bias, coupling, clamp = node_fields(node_word_of)
+    except ValueError as exc:
+        raise ImageError(f"a {exc}") from None
     for name, codes, fmt in (("weight", weights, WEIGHT), ("bias", bias, BIAS), ("coupling", coupling, COUPLING)):
         if np.any(codes < fmt.min_code) or np.any(codes > fmt.max_code):
             raise ImageError(f"a {name} code lies outside [{fmt.min_code}, {fmt.max_code}]")
@@ -402,11 +400,15 @@ def compile_layers(topology: Grid | SparseGraph, layers: list[FloatLayer], fabri
         c_codes, c_sat = COUPLING.quantize(beta * c_full)
         clamp = np.ones(n, dtype=np.int8)  # padding nodes sit at +1 and couple to nothing
         clamp[node_map] = np.asarray(layer.clamp, dtype=np.int8)
+        # A clamp overrides bias and conditioning; zero them so every layer has one encoding.
+        b_codes = np.where(clamp != 0, 0, b_codes).astype(np.int16)
+        c_codes = np.where(clamp != 0, 0, c_codes).astype(np.int16)
         codes.append(LayerCodes(w_codes, b_codes, c_codes, clamp))
 
         w_err = np.abs(scaled_w - WEIGHT.to_float(w_codes))
-        b_err = np.abs(beta * h_full - BIAS.to_float(b_codes))
-        c_err = np.abs(beta * c_full - COUPLING.to_float(c_codes))
+        free = clamp == 0  # a clamped node's h and c do not matter
+        b_err = np.where(free, np.abs(beta * h_full - BIAS.to_float(b_codes)), 0.0)
+        c_err = np.where(free, np.abs(beta * c_full - COUPLING.to_float(c_codes)), 0.0)
         edge = target != 0
         report.weight_max_error = max(report.weight_max_error, float(w_err.max(initial=0)))
         w_err_sum += float(w_err[edge].sum())
@@ -415,7 +417,7 @@ def compile_layers(topology: Grid | SparseGraph, layers: list[FloatLayer], fabri
         field_err = (b_err + c_err + w_err.sum(axis=1))[node_map]
         report.field_max_error = max(report.field_max_error, float(field_err.max(initial=0)))
         f_err_sum += float(field_err.mean()) / len(layers)
-        report.saturated += int(w_sat[edge].sum() + b_sat.sum() + c_sat.sum())
+        report.saturated += int(w_sat[edge].sum() + (b_sat & free).sum() + (c_sat & free).sum())
     report.weight_mean_error = w_err_sum / w_err_count if w_err_count else 0.0
     report.field_mean_error = f_err_sum
     return Program(geometry, codes, node_map, model_grid, beta, report)

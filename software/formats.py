@@ -50,7 +50,7 @@ import numpy as np
 
 __all__ = [
     "UNIT_BITS", "UNIT", "FixedFormat", "WEIGHT", "BIAS", "COUPLING", "EFFECTIVE_BIAS", "CLAMP_PLUS",
-    "CLAMP_MINUS", "field_bits", "PBit", "PBIT", "xoroshiro64_step", "lane_seed_states", "splitmix64",
+    "CLAMP_MINUS", "field_bits", "node_words", "node_fields", "PBit", "PBIT", "xoroshiro64_step", "lane_seed_states", "splitmix64",
     "RNG_WORD_BITS", "RNG_STATE_WORDS",
 ]
 
@@ -127,6 +127,37 @@ EFFECTIVE_BIAS = FixedFormat("effective bias", bits=8, frac_bits=UNIT_BITS, min_
 CLAMP_PLUS = 127
 #: Effective-bias code that forces the node to -1.
 CLAMP_MINUS = -127
+
+
+def node_words(h, c, clamp) -> np.ndarray:
+    """The 16-bit node word the fabric's LOAD reads: ``p = h + c`` in bits 7..0 and ``q = h - c`` in bits
+    15..8 (effective-bias codes), so that the effective bias is simply ``p`` when the conditioning spin
+    is +1 and ``q`` when it is -1. A clamped node has ``p = q =`` its clamp code. Inputs are code arrays."""
+    h, c, clamp = (np.asarray(a, dtype=np.int64) for a in (h, c, clamp))
+    p = np.where(clamp == 1, CLAMP_PLUS, np.where(clamp == -1, CLAMP_MINUS, h + c))
+    q = np.where(clamp == 1, CLAMP_PLUS, np.where(clamp == -1, CLAMP_MINUS, h - c))
+    return (EFFECTIVE_BIAS.to_unsigned(p) | EFFECTIVE_BIAS.to_unsigned(q) << 8).astype(np.uint16)
+
+
+def node_fields(words) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of ``node_words``: ``(h, c, clamp)``. Raises ValueError for words no layer produces."""
+    words = np.asarray(words, dtype=np.int64)
+    p = EFFECTIVE_BIAS.from_unsigned(words)
+    q = EFFECTIVE_BIAS.from_unsigned(words >> 8)
+    clamp_p = (p == CLAMP_PLUS) | (p == CLAMP_MINUS)
+    clamp_q = (q == CLAMP_PLUS) | (q == CLAMP_MINUS)
+    if np.any(clamp_p != clamp_q) or np.any(clamp_p & (p != q)):
+        raise ValueError("node word has a clamp code on one side only")
+    if np.any((p == -128) | (q == -128)):
+        raise ValueError("node word holds the unused code -128")
+    if np.any(~clamp_p & ((p + q) % 2 != 0)):
+        raise ValueError("node word has p + q odd: it is not h + c, h - c")
+    h = np.where(clamp_p, 0, (p + q) // 2)
+    c = np.where(clamp_p, 0, (p - q) // 2)
+    if np.any((h < BIAS.min_code) | (h > BIAS.max_code) | (c < COUPLING.min_code) | (c > COUPLING.max_code)):
+        raise ValueError("node word decodes to h or c outside their formats")
+    clamp = np.where(p == CLAMP_PLUS, 1, np.where(p == CLAMP_MINUS, -1, 0)).astype(np.int8) * clamp_p
+    return h.astype(np.int16), c.astype(np.int16), clamp.astype(np.int8)
 
 
 def field_bits(degree: int) -> int:

@@ -146,14 +146,17 @@ def test_corrupt_images_are_rejected():
 def test_inconsistent_image_content_is_rejected():
     program = compile_model(grid_model(4, 4, seed=10))
     image = bytearray(program.to_bytes())
-    # Find the first node word and give it the invalid clamp code 3.
+    # The first node word: a clamp code for p = h + c but not for q = h - c.
     g = program.geometry
     word_bytes = (WEIGHT.bits * g.degree + 7) // 8
     header = len(image) - 4 - g.lanes * g.cycles * (word_bytes + 2)
     node_words = header + g.lanes * g.cycles * word_bytes
     bad = bytearray(image)
-    bad[node_words + 1] |= 0xC0
-    with pytest.raises(ImageError, match="clamp code"):
+    bad[node_words:node_words + 2] = bytes([0x7F, 0x00])
+    with pytest.raises(ImageError, match="clamp code on one side"):
+        Program.from_bytes(resealed(bytes(bad[:-4]) + b"\0\0\0\0"))
+    bad[node_words:node_words + 2] = bytes([0x03, 0x00])  # p + q odd
+    with pytest.raises(ImageError, match="odd"):
         Program.from_bytes(resealed(bytes(bad[:-4]) + b"\0\0\0\0"))
     # An asymmetric weight: change one weight code of the first scheduled node.
     bad = bytearray(image)

@@ -1,0 +1,472 @@
+"""The block-Gibbs fabric: p-bit lanes on a moving torus, bit-exact with ``opentsu.emulator``.
+
+Everything structural comes from ``opentsu.fabric.FabricGeometry`` (schedule, stations, rotation,
+latency) and ``opentsu.formats`` (widths, p-bit tables, random streams); the memory map from
+``opentsu.devicemap``; sequences from ``opentsu.sequence``.
+
+Update stream (SWEEP, RANDOMIZE and the sweeps between captures), per lane, in pipeline steps:
+
+* front, step f: the lane draws its random word; ``pbit.Threshold`` turns it into θ = Z(r) - b,
+  reading the effective bias b from the scratch banks at step f+1 (θ is ready at step f+3);
+* stage A, step f + lead (``lead = 4 - latency``): the weight word (read at stage A - 1) meets the
+  neighbour spins, which come on fixed wires from the lane's station (``torus.SpinTorus``);
+* stage C, step f + 3: ``pbit.SpinSum`` decides ``s = Σ ±w >= θ`` and the torus writes it back.
+
+The stream advances together on ``step``; it may stall but never bubbles, so the torus rotates exactly
+once per stage-A token and the fixed write-back positions hold. When the stream ends, the last updates
+drain and the torus rotates on until its frame is the identity again.
+
+Read passes rotate the torus one τ at a time with nothing in flight: LOAD reads each lane's node word
+``(h + c, h - c)`` and writes back the half its station spin x selects (``b = h + c·x``); CAPTURE emits
+one ``lanes``-bit word per τ on ``samples`` (bit ℓ is the spin lane ℓ sees, in schedule order; idle slots
+read 0) and waits on back-pressure.
+"""
+
+from amaranth import *
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Reg, Region, REGION_SHIFT, Status, lane_bits,
+                               tau_bits)
+from opentsu.fabric import FabricGeometry
+from opentsu.formats import WEIGHT
+from opentsu.sequence import ARG_BITS, Opcode
+
+from .ice40 import SPRAMBanks
+from .pbit import SpinSum, Threshold
+from .ram import RAM
+from .rng import LaneRNG
+from .torus import SpinTorus
+
+__all__ = ["BusSignature", "ScratchBanks", "Fabric"]
+
+BusSignature = wiring.Signature({
+    "addr": Out(32),
+    "w_data": Out(64),
+    "w_en": Out(1),
+    "r_en": Out(1),
+    "r_data": In(32),
+    "r_valid": In(1),
+})
+"""Host access to the fabric, from the master's side. A write takes effect in the cycle ``w_en`` is high;
+a read returns ``r_data`` with ``r_valid`` in the next cycle. Addresses are ``devicemap.address``.
+While a sequence runs only REGS may be read; memory reads then return 0."""
+
+
+class ScratchBanks(wiring.Component):
+    """``banks`` single-port memories of 16-bit words sharing one address: one access per cycle each.
+
+    Built from ``ram.RAM`` (generic or iCE40 EBR); the iCE40UP5K uses ``ice40.SPRAMBanks`` instead, with the
+    same timing: read data the cycle after the address; a cycle reads or writes, never both.
+    """
+
+    def __init__(self, banks: int, depth: int, target: str = "generic"):
+        self._banks, self._depth, self._target = banks, depth, target
+        super().__init__({
+            "addr": In(range(depth)),
+            "r_en": In(1),
+            "r_data": Out(data.ArrayLayout(16, banks)),
+            "w_en": In(banks),
+            "w_data": In(data.ArrayLayout(16, banks)),
+        })
+
+    @property
+    def banks(self):
+        return self._banks
+
+    @property
+    def depth(self):
+        return self._depth
+
+    def elaborate(self, platform):
+        m = Module()
+        for b in range(self._banks):
+            ram = RAM(16, self._depth, target=self._target)
+            m.submodules[f"bank{b}"] = ram
+            m.d.comb += [ram.r_addr.eq(self.addr), ram.r_en.eq(self.r_en), self.r_data[b].eq(ram.r_data),
+                         ram.w_addr.eq(self.addr), ram.w_data.eq(self.w_data[b]), ram.w_en.eq(self.w_en[b])]
+        return m
+
+
+def _bit(flag) -> int:
+    return flag.value.bit_length() - 1
+
+
+def _delay_line(m, signal, steps, enable, name):
+    """``[signal, signal delayed by 1, ..., by steps]``, counting only cycles with ``enable`` high."""
+    out = [signal]
+    for k in range(1, steps + 1):
+        reg = Signal.like(signal, name=f"{name}_d{k}")
+        with m.If(enable):
+            m.d.sync += reg.eq(out[-1])
+        out.append(reg)
+    return out
+
+
+class Fabric(wiring.Component):
+    """A fabric built from ``geometry``, holding ``geometry.config.layers`` layers.
+
+    ``target`` picks the memories: ``"generic"`` (``lib.memory``, for simulation), ``"ice40"`` (EBR
+    primitives) or ``"ice40-up5k"`` (EBR, with the scratch banks in SPRAM).
+
+    Ports
+    -----
+    bus : In(BusSignature)            host reads and writes (``opentsu.devicemap``)
+    samples : Out(stream.Signature(lanes))   capture words, schedule order
+    running : Out(1)                  a sequence is executing
+    mix : In(stream.Signature(lanes)) TRNG bits, one per lane per draw, used while the TRNG_MIX flag is set
+    """
+
+    TARGETS = ("generic", "ice40", "ice40-up5k")
+
+    def __init__(self, geometry: FabricGeometry, target: str = "generic"):
+        if not isinstance(geometry, FabricGeometry):
+            raise TypeError(f"a fabric needs a FabricGeometry, not {geometry!r}")
+        if target not in self.TARGETS:
+            raise ValueError(f"unknown fabric target {target!r}; choose from {self.TARGETS}")
+        self._g = geometry
+        self._target = target
+        super().__init__({
+            "bus": In(BusSignature),
+            "samples": Out(stream.Signature(geometry.lanes)),
+            "running": Out(1),
+            "mix": In(stream.Signature(geometry.lanes)),
+        })
+
+    @staticmethod
+    def scratch_shape(geometry: FabricGeometry) -> tuple[int, int]:
+        """``(banks, depth)``: two lanes' biases per 16-bit word; depth for the bias row and every layer's
+        node words (addresses ``τ`` and ``1 | k | τ | layer | 1``, as bit fields)."""
+        layer_bits = max(1, (geometry.config.layers - 1).bit_length())
+        return (geometry.lanes + 1) // 2, 1 << (1 + tau_bits(geometry.cycles) + layer_bits + 1)
+
+    @property
+    def geometry(self) -> FabricGeometry:
+        return self._g
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._g
+        L, C, D, P = g.lanes, g.cycles, g.degree, g.latency
+        lead = Threshold.LATENCY + 1 - P
+        depth = lead + P - 1
+        wbits = WEIGHT.bits
+        tbits, lbits = tau_bits(C), lane_bits(L)
+        layers = g.config.layers
+        layer_bits = max(1, (layers - 1).bit_length())
+        banks, scratch_depth = self.scratch_shape(g)
+
+        # ---------------------------------------------------------------- blocks and memories
+        m.submodules.torus = torus = SpinTorus(g)
+        m.submodules.rng = rng = LaneRNG(L)
+        wiring.connect(m, wiring.flipped(self.mix), rng.mix)
+        ram_target = "generic" if self._target == "generic" else "ice40"
+        m.submodules.weights = weights = RAM(L * wbits * D, layers << tbits, wbits * D, target=ram_target)
+        m.submodules.sequence = seq = RAM(16, 2 * SEQUENCE_DEPTH, target=ram_target)
+        if self._target == "ice40-up5k":
+            scratch = SPRAMBanks(banks, scratch_depth)
+        else:
+            scratch = ScratchBanks(banks, scratch_depth, ram_target)
+        m.submodules.scratch = scratch
+
+        def station_rom(tau, lane, name):
+            """(station select, idle) of a lane for a τ signal: a small ROM of ``geometry.station_select``."""
+            sel = Signal(torus.sel_bits, name=f"{name}_sel{lane}")
+            idle = Signal(name=f"{name}_idle{lane}")
+            with m.Switch(tau):
+                for t in range(C):
+                    code = int(g.station_select[t, lane])
+                    if code != 0:
+                        with m.Case(t):
+                            m.d.comb += [sel.eq(max(code, 0)), idle.eq(code < 0)]
+            return sel, idle
+
+        # ---------------------------------------------------------------- control state
+        running = Signal()
+        m.d.comb += self.running.eq(running)
+        sticky = Signal(8)
+        sweeps_count = Signal(32)
+        op_index = Signal(range(SEQUENCE_DEPTH + 1))
+        stop_request = Signal()
+        start_pulse = Signal()
+        stop_pulse = Signal()
+        flags = Signal(8)
+        m.d.comb += rng.mix_enable.eq(flags[0])
+        layer = Signal(layer_bits)
+        frame = Signal(range(C))            # τ of the torus frame: rotations since identity, mod cycles
+        read_rotate = Signal()
+
+        # ---------------------------------------------------------------- update stream
+        step = Signal()
+        f_valid = Signal()
+        f_tau = Signal(range(C))
+        f_randomize = Signal()
+        valid = _delay_line(m, f_valid, depth, step, "valid")
+        taus = _delay_line(m, f_tau, depth, step, "tau")
+        randomize = _delay_line(m, f_randomize, depth, step, "randomize")
+        in_flight = Signal()
+        m.d.comb += in_flight.eq(Cat(*valid[1:]).any())
+        m.d.comb += torus.rotate.eq((step & Cat(*valid[lead:lead + P]).any()) | read_rotate)
+        with m.If(torus.rotate):
+            m.d.sync += frame.eq(Mux(frame == C - 1, 0, frame + 1))
+        m.d.comb += rng.advance.eq(step & f_valid)
+        m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
+
+        scratch_addr = Signal(range(scratch_depth))
+        scratch_ren = Signal()
+        scratch_wen = Signal(banks)
+        scratch_wdata = Signal(data.ArrayLayout(16, banks))
+        m.d.comb += [scratch.addr.eq(scratch_addr), scratch.r_en.eq(scratch_ren), scratch.w_en.eq(scratch_wen),
+                     scratch.w_data.eq(scratch_wdata)]
+        with m.If(running & step):  # biases of the token one step behind the front
+            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(taus[1])]
+
+        for lane in range(L):
+            bank, half = lane // 2, lane % 2
+            threshold = Threshold(D)
+            m.submodules[f"threshold{lane}"] = threshold
+            m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
+                         threshold.randomize.eq(randomize[2]),
+                         threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
+            sel_a, _ = station_rom(taus[lead], lane, "a")
+            sel_c, idle_c = station_rom(taus[depth], lane, "c")
+            spin_sum = SpinSum(D, P)
+            m.submodules[f"spin_sum{lane}"] = spin_sum
+            m.d.comb += [torus.sel_a[lane].eq(sel_a), spin_sum.spins.eq(torus.neighbours[lane]),
+                         spin_sum.en.eq(step), spin_sum.zero.eq(randomize[lead]), spin_sum.theta.eq(threshold.theta),
+                         spin_sum.weights.eq(weights.r_data[lane * wbits * D:(lane + 1) * wbits * D]),
+                         torus.write[lane].eq(step & valid[depth] & ~idle_c), torus.sel_w[lane].eq(sel_c),
+                         torus.value[lane].eq(spin_sum.spin)]
+
+        # ---------------------------------------------------------------- read passes
+        here = Signal(L)
+        for lane in range(L):
+            sel_r, idle_r = station_rom(frame, lane, "r")
+            m.d.comb += [torus.sel_r[lane].eq(sel_r), here[lane].eq(torus.here[lane] & ~idle_r)]
+        m.d.comb += self.samples.payload.eq(here)
+
+        # ---------------------------------------------------------------- sequencer
+        op_code = Signal(4)
+        op_arg = Signal(ARG_BITS)
+        op_low = Signal(16)
+        tokens_left = Signal(ARG_BITS + tbits + 1)
+        thin = Signal(ARG_BITS, init=1)
+        captures_left = Signal(ARG_BITS)
+        load_phase = Signal(2)
+        node_words = Signal(data.ArrayLayout(16, banks))
+        after_drain = Signal(2)
+        AFTER_FETCH, AFTER_CAPTURE, AFTER_END = 0, 1, 2
+        m.d.comb += seq.r_en.eq(1)
+
+        def param_address(k):
+            return Cat(Const(k, 1), frame, layer, Const(1, 1))
+
+        def fetch(prefix, on_update, on_other):
+            with m.State(f"{prefix}FETCH0"):
+                m.d.comb += seq.r_addr.eq(op_index * 2)
+                m.next = f"{prefix}FETCH1"
+            with m.State(f"{prefix}FETCH1"):
+                m.d.comb += seq.r_addr.eq(op_index * 2 + 1)
+                m.d.sync += op_low.eq(seq.r_data)
+                m.next = f"{prefix}FETCH2"
+            with m.State(f"{prefix}FETCH2"):
+                code = seq.r_data[ARG_BITS - 16:]
+                arg = Cat(op_low, seq.r_data)[:ARG_BITS]
+                m.d.sync += [op_code.eq(code), op_arg.eq(arg)]
+                update = ~stop_request & (op_index != SEQUENCE_DEPTH) & (
+                    ((code == Opcode.SWEEP) & (arg != 0)) | (code == Opcode.RANDOMIZE))
+                with m.If(update):
+                    m.d.sync += [tokens_left.eq(Mux(code == Opcode.SWEEP, arg, 1) * C),
+                                 f_randomize.eq(code == Opcode.RANDOMIZE), op_index.eq(op_index + 1)]
+                    on_update()
+                with m.Else():
+                    on_other()
+
+        def go(state):
+            def action():
+                m.next = state
+            return action
+
+        def drain_then_decode():
+            m.d.sync += after_drain.eq(AFTER_FETCH)
+            m.next = "DRAIN"
+
+        with m.FSM(name="sequencer"):
+            with m.State("IDLE"):
+                m.d.comb += step.eq(1)
+                with m.If(start_pulse):
+                    m.d.sync += [running.eq(1), op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0),
+                                 thin.eq(1), f_tau.eq(0)]
+                    m.next = "FETCH0"
+
+            fetch("", go("STREAM"), go("DECODE"))
+
+            with m.State("DECODE"):
+                with m.If(stop_request | (op_index == SEQUENCE_DEPTH) | (op_code == Opcode.END)):
+                    m.next = "FINISH"
+                with m.Elif(op_code == Opcode.SWEEP):  # SWEEP 0
+                    m.d.sync += op_index.eq(op_index + 1)
+                    m.next = "FETCH0"
+                with m.Elif(op_code == Opcode.THIN):
+                    m.d.sync += [thin.eq(op_arg), op_index.eq(op_index + 1)]
+                    m.next = "FETCH0"
+                with m.Elif((op_code == Opcode.LOAD) & (op_arg < layers)):
+                    m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), load_phase.eq(0)]
+                    m.next = "LOAD"
+                with m.Elif((op_code == Opcode.CAPTURE) & (op_arg != 0)):
+                    m.d.sync += [captures_left.eq(op_arg), op_index.eq(op_index + 1)]
+                    m.next = "CAPTURE"
+                with m.Else():
+                    m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
+                    m.next = "FINISH"
+
+            with m.State("STREAM"):
+                m.d.comb += [step.eq(1), f_valid.eq(1)]
+                m.d.sync += [tokens_left.eq(tokens_left - 1), f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))]
+                with m.If(f_tau == C - 1):
+                    m.d.sync += sweeps_count.eq(sweeps_count + 1)
+                    with m.If(stop_request):  # STOP ends the run at the next sweep boundary
+                        m.d.sync += after_drain.eq(AFTER_END)
+                        m.next = "DRAIN"
+                with m.If((tokens_left == 1) & ~(stop_request & (f_tau == C - 1))):
+                    m.next = "STREAM_FETCH0"
+
+            # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
+            fetch("STREAM_", go("STREAM"), drain_then_decode)
+
+            with m.State("DRAIN"):
+                m.d.comb += step.eq(1)
+                with m.If(~in_flight):
+                    m.next = "REALIGN"
+            with m.State("REALIGN"):
+                m.d.comb += step.eq(1)
+                with m.If(frame != 0):
+                    m.d.comb += read_rotate.eq(1)
+                with m.Else():
+                    m.d.sync += f_tau.eq(0)
+                    with m.Switch(after_drain):
+                        with m.Case(AFTER_FETCH):
+                            m.next = "DECODE"
+                        with m.Case(AFTER_CAPTURE):
+                            m.next = "CAPTURE"
+                        with m.Default():
+                            m.next = "STOPPED"
+
+            with m.State("LOAD"):
+                # Three cycles per τ: the two node words of every bank, then the selected biases.
+                with m.Switch(load_phase):
+                    with m.Case(0):
+                        m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(0))]
+                        m.d.sync += load_phase.eq(1)
+                    with m.Case(1):
+                        m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(1))]
+                        m.d.sync += [node_words.eq(scratch.r_data), load_phase.eq(2)]
+                    with m.Case(2):
+                        for lane in range(L):
+                            bank, half = lane // 2, lane % 2
+                            word = node_words[bank] if half == 0 else scratch.r_data[bank]
+                            m.d.comb += scratch_wdata[bank][8 * half:8 * half + 8].eq(
+                                Mux(here[lane], word[:8], word[8:]))
+                        m.d.comb += [scratch_wen.eq(-1), scratch_addr.eq(frame), read_rotate.eq(1)]
+                        m.d.sync += load_phase.eq(0)
+                        with m.If(frame == C - 1):
+                            m.next = "FETCH0"
+
+            with m.State("CAPTURE"):
+                m.d.comb += self.samples.valid.eq(1)
+                with m.If(self.samples.ready):
+                    m.d.comb += read_rotate.eq(1)
+                    with m.If(frame == C - 1):
+                        with m.If((captures_left > 1) & ~stop_request):
+                            m.d.sync += [captures_left.eq(captures_left - 1), tokens_left.eq(thin * C),
+                                         f_randomize.eq(0)]
+                            m.next = "CAPTURE_SWEEPS"
+                        with m.Else():
+                            m.next = "FETCH0"
+            with m.State("CAPTURE_SWEEPS"):
+                m.d.comb += [step.eq(1), f_valid.eq(1)]
+                m.d.sync += [tokens_left.eq(tokens_left - 1), f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))]
+                with m.If(f_tau == C - 1):
+                    m.d.sync += sweeps_count.eq(sweeps_count + 1)
+                with m.If((tokens_left == 1) | (stop_request & (f_tau == C - 1))):
+                    m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_CAPTURE))
+                    m.next = "DRAIN"
+
+            with m.State("FINISH"):
+                m.d.comb += step.eq(1)
+                m.d.sync += after_drain.eq(AFTER_END)
+                m.next = "DRAIN"
+            with m.State("STOPPED"):
+                m.d.sync += running.eq(0)
+                m.next = "IDLE"
+
+        with m.If(stop_pulse & running):
+            m.d.sync += stop_request.eq(1)
+
+        # ---------------------------------------------------------------- host bus
+        region = self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8]
+        offset = self.bus.addr[:REGION_SHIFT]
+        lane_field = offset[:lbits]
+        tau_field = offset[lbits:lbits + tbits]
+        layer_field = offset[lbits + tbits:lbits + tbits + layer_bits]
+        memory_write = self.bus.w_en & (region != Region.REGS)
+        with m.If(memory_write & running):
+            m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
+        idle_write = memory_write & ~running
+
+        def node_address(lane_bit):
+            return Cat(lane_bit, tau_field, layer_field, Const(1, 1))
+
+        m.d.comb += [weights.w_addr.eq(Cat(tau_field, layer_field)), weights.w_data.eq(self.bus.w_data[:wbits * D].replicate(L))]
+        with m.If(idle_write & (region == Region.WEIGHTS)):
+            m.d.comb += weights.w_en.eq(1 << lane_field)
+        with m.If(idle_write & (region == Region.PARAMS)):
+            m.d.comb += [scratch_addr.eq(node_address(lane_field[0])),
+                         scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
+                         scratch_wen.eq(1 << (lane_field >> 1))]
+        with m.If(idle_write & (region == Region.SEEDS)):
+            m.d.comb += [rng.seed_en.eq(1), rng.seed_lane.eq(offset), rng.seed_state.eq(self.bus.w_data)]
+        m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(self.bus.w_data[:16])]
+        with m.If(idle_write & (region == Region.SEQUENCE)):
+            m.d.comb += seq.w_en.eq(1)
+        with m.If(self.bus.w_en & (region == Region.REGS)):
+            with m.Switch(offset):
+                with m.Case(Reg.CONTROL):
+                    m.d.comb += [start_pulse.eq(self.bus.w_data[_bit(Control.START)] & ~running),
+                                 stop_pulse.eq(self.bus.w_data[_bit(Control.STOP)])]
+                with m.Case(Reg.FLAGS):
+                    m.d.sync += flags.eq(self.bus.w_data[:8])
+                with m.Case(Reg.STATUS):  # write ones to clear sticky bits
+                    m.d.sync += sticky.eq(sticky & ~self.bus.w_data[:8])
+
+        read_region = Signal(8)
+        read_offset = Signal(4)
+        read_bank = Signal(range(banks))
+        read_memory_ok = Signal()
+        m.d.sync += self.bus.r_valid.eq(self.bus.r_en)
+        with m.If(self.bus.r_en):
+            m.d.sync += [read_region.eq(region), read_offset.eq(offset), read_bank.eq(lane_field >> 1),
+                         read_memory_ok.eq(~running)]
+            with m.If(~running & (region == Region.PARAMS)):
+                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(node_address(lane_field[0]))]
+            with m.If(~running):
+                m.d.comb += seq.r_addr.eq(offset)
+        with m.Switch(read_region):
+            with m.Case(Region.REGS):
+                with m.Switch(read_offset):
+                    with m.Case(Reg.STATUS):
+                        m.d.comb += self.bus.r_data.eq(Cat(running, sticky[1:]))
+                    with m.Case(Reg.OP_INDEX):
+                        m.d.comb += self.bus.r_data.eq(op_index)
+                    with m.Case(Reg.SWEEPS):
+                        m.d.comb += self.bus.r_data.eq(sweeps_count)
+                    with m.Case(Reg.FLAGS):
+                        m.d.comb += self.bus.r_data.eq(flags)
+            with m.Case(Region.PARAMS):
+                with m.Switch(read_bank):
+                    for b in range(banks):
+                        with m.Case(b):
+                            m.d.comb += self.bus.r_data.eq(Mux(read_memory_ok, scratch.r_data[b], 0))
+            with m.Case(Region.SEQUENCE):
+                m.d.comb += self.bus.r_data.eq(Mux(read_memory_ok, seq.r_data, 0))
+        return m

@@ -1,0 +1,82 @@
+"""The moving torus: the fabric's spins in flip-flops, rotated by ``v`` on demand, read and written only at
+the lanes' fixed stations (``opentsu.fabric.FabricGeometry``)."""
+
+from amaranth import *
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from opentsu.fabric import FabricGeometry
+
+__all__ = ["SpinTorus"]
+
+
+class SpinTorus(wiring.Component):
+    """Spins of a ``rows × cols`` torus, all +1 after reset (the emulator's initial state too).
+
+    Ports (per lane ℓ; station indices refer to ``geometry.lane_stations[ℓ]``)
+    -----
+    rotate : In(1)
+        At the end of the cycle every flip-flop at ``p`` takes the value at ``p + v``.
+    sel_a : In(ArrayLayout(sel, lanes)), neighbours : Out(ArrayLayout(degree, lanes))
+        Bit d of ``neighbours[ℓ]`` is 1 when the spin at ``station[sel_a[ℓ]] + offset_d`` is +1.
+    sel_r : In(ArrayLayout(sel, lanes)), here : Out(lanes)
+        Bit ℓ of ``here`` is the spin at ``station[sel_r[ℓ]]``.
+    write, value : In(lanes), sel_w : In(ArrayLayout(sel, lanes))
+        With ``rotate`` and ``write[ℓ]`` high, the flip-flop at ``station[sel_w[ℓ]] - latency·v`` takes
+        ``value[ℓ]`` instead of its rotated value (the node read ``latency`` rotations earlier lands there).
+    """
+
+    def __init__(self, geometry: FabricGeometry):
+        self._g = geometry
+        self._sel_bits = max(1, (max(max(len(s) for s in geometry.lane_stations), 1) - 1).bit_length())
+        L = geometry.lanes
+        super().__init__({
+            "rotate": In(1),
+            "sel_a": In(data.ArrayLayout(self._sel_bits, L)),
+            "neighbours": Out(data.ArrayLayout(geometry.degree, L)),
+            "sel_r": In(data.ArrayLayout(self._sel_bits, L)),
+            "here": Out(L),
+            "write": In(L),
+            "value": In(L),
+            "sel_w": In(data.ArrayLayout(self._sel_bits, L)),
+        })
+
+    @property
+    def sel_bits(self) -> int:
+        return self._sel_bits
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._g
+        rows, cols, v, P = g.rows, g.cols, g.v, g.latency
+        spins = [[Signal(init=1, name=f"s_{r}_{c}") for c in range(cols)] for r in range(rows)]
+
+        def at(r, c):
+            return spins[r % rows][c % cols]
+
+        def tap(lane, select, offset):
+            options = [at(st[0] + offset[0], st[1] + offset[1]) for st in g.lane_stations[lane]]
+            if not options:  # a lane the schedule never uses
+                return Const(0, 1)
+            value = options[0]
+            for k, option in enumerate(options[1:], start=1):
+                value = Mux(select == k, option, value)
+            return value
+
+        for lane in range(g.lanes):
+            m.d.comb += self.neighbours[lane].eq(Cat(*(tap(lane, self.sel_a[lane], o) for o in g.offsets)))
+            m.d.comb += self.here[lane].eq(tap(lane, self.sel_r[lane], (0, 0)))
+
+        writers = {}
+        for lane in range(g.lanes):
+            for k, st in enumerate(g.lane_stations[lane]):
+                pos = ((st[0] - P * v[0]) % rows, (st[1] - P * v[1]) % cols)
+                writers.setdefault(pos, []).append((self.write[lane] & (self.sel_w[lane] == k), self.value[lane]))
+        with m.If(self.rotate):
+            for r in range(rows):
+                for c in range(cols):
+                    m.d.sync += spins[r][c].eq(at(r + v[0], c + v[1]))
+                    for enable, value in writers.get((r, c), []):
+                        with m.If(enable):
+                            m.d.sync += spins[r][c].eq(value)
+        return m

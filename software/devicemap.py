@@ -1,0 +1,150 @@
+"""The fabric's memory map: what the host can write and read, and where.
+
+The UART protocol (``opentsu.protocol``) carries region reads and writes; the gateware decodes the same
+regions. Offsets count words of the region's width; all multi-byte words travel little endian.
+
+=========  =====================================================  ==============================
+region     offset                                                 word
+=========  =====================================================  ==============================
+REGS       ``Reg`` index                                          32 bits
+WEIGHTS    ``row(layer, τ) << lane_bits | lane``                  ``7·degree`` bits: weight d in
+                                                                  bits [7d, 7d+7)
+PARAMS     ``row(layer, τ) << lane_bits | lane``                  16 bits: ``formats.node_words``
+                                                                  (h + c in 7..0, h - c in 15..8)
+SEEDS      ``lane``                                               64 bits: s0 in 31..0, s1 in 63..32
+SEQUENCE   ``2·op + half`` (half 0 = bits 15..0 of the op word)   16 bits
+MOMENTS    see ``moment_counter``                                 16 bits (write clears)
+=========  =====================================================  ==============================
+
+with ``row(layer, τ) = layer << tau_bits | τ`` (bit fields, so the gateware decodes them without adders).
+Writes other than REGS are refused while a sequence runs.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .formats import WEIGHT
+
+__all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "tau_bits", "row", "program_writes", "seed_writes",
+           "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS", "address", "split_address",
+           "region_word_bits", "SEQUENCE_DEPTH"]
+
+#: Region number sits above this bit of a bus address.
+REGION_SHIFT = 24
+OFFSET_BITS = REGION_SHIFT
+#: Ops the sequence memory holds.
+SEQUENCE_DEPTH = 64
+
+
+class Region(enum.IntEnum):
+    REGS = 0
+    WEIGHTS = 1
+    PARAMS = 2
+    SEEDS = 3
+    SEQUENCE = 4
+    MOMENTS = 5
+
+
+class Reg(enum.IntEnum):
+    """Registers of the REGS region (32-bit)."""
+
+    CONTROL = 0     # write: Control bits
+    STATUS = 1      # read: Status bits
+    OP_INDEX = 2    # read: index of the op running (or last run)
+    SWEEPS = 3      # read: sweeps issued since start (wraps at 2^32)
+    FLAGS = 4       # read/write: run flags (Flags)
+
+
+class Control(enum.IntFlag):
+    START = 1 << 0   # run the sequence from op 0
+    STOP = 1 << 1    # stop at the next sweep (or pass) boundary
+
+
+class Status(enum.IntFlag):
+    RUNNING = 1 << 0
+    WRITE_REFUSED = 1 << 1   # sticky: a memory write arrived while running and was dropped
+    BAD_SEQUENCE = 1 << 2    # sticky: the sequence held an unknown opcode or a LOAD beyond the layers
+
+
+class Flags(enum.IntFlag):
+    TRNG_MIX = 1 << 0        # mix TRNG words into the lane generators (not reproducible)
+
+
+def lane_bits(lanes: int) -> int:
+    """Bits of the lane field at the bottom of WEIGHTS and PARAMS offsets."""
+    return max(1, (lanes - 1).bit_length())
+
+
+def tau_bits(cycles: int) -> int:
+    """Bits of the τ field of a row."""
+    return max(1, (cycles - 1).bit_length())
+
+
+def row(layer: int, tau: int, cycles: int) -> int:
+    return layer << tau_bits(cycles) | tau
+
+
+def program_writes(program, layers=None) -> list[tuple[Region, int, int]]:
+    """The (region, offset, word) writes that load ``program``'s layers (all, or the indices given)."""
+    g = program.geometry
+    bits = lane_bits(g.lanes)
+    writes = []
+    for layer in range(len(program.layers)) if layers is None else layers:
+        weights, nodes = program.weight_image(layer), program.node_image(layer)
+        for tau in range(g.cycles):
+            for lane in range(g.lanes):
+                offset = row(layer, tau, g.cycles) << bits | lane
+                writes.append((Region.WEIGHTS, offset, int(weights[lane, tau])))
+                writes.append((Region.PARAMS, offset, int(nodes[lane, tau])))
+    return writes
+
+
+def seed_writes(seed: int, chain: int, lanes: int) -> list[tuple[Region, int, int]]:
+    """Writes that seed every lane for global chain ``chain`` (``formats.lane_seed_states``)."""
+    from .formats import lane_seed_states
+    states = lane_seed_states(seed, [chain], lanes)[0]
+    return [(Region.SEEDS, lane, int(states[lane, 0]) | int(states[lane, 1]) << 32) for lane in range(lanes)]
+
+
+def sequence_writes(ops) -> list[tuple[Region, int, int]]:
+    """Writes that store a sequence (``opentsu.sequence``) from op 0, END included."""
+    from .sequence import encode
+    words = encode(ops)
+    if len(words) > SEQUENCE_DEPTH:
+        from .sequence import SequenceError
+        raise SequenceError(f"the sequence has {len(words)} ops with its END; the device holds {SEQUENCE_DEPTH}")
+    writes = []
+    for k, word in enumerate(words):
+        writes.append((Region.SEQUENCE, 2 * k, word & 0xFFFF))
+        writes.append((Region.SEQUENCE, 2 * k + 1, word >> 16))
+    return writes
+
+
+def unpack_capture(words, geometry):
+    """Fabric spins (n,) int8 from one capture: ``cycles`` words, bit ℓ of word τ = node schedule[τ, ℓ]."""
+    import numpy as np
+    sched = geometry.schedule
+    if len(words) != sched.shape[0]:
+        raise ValueError(f"a capture has {sched.shape[0]} words, got {len(words)}")
+    out = np.zeros(geometry.n, dtype=np.int8)
+    bits = (np.asarray(words, dtype=np.int64)[:, None] >> np.arange(sched.shape[1])[None, :]) & 1
+    active = sched >= 0
+    out[sched[active]] = np.where(bits[active] == 1, 1, -1)
+    return out
+
+
+def address(region: Region, offset: int) -> int:
+    if not 0 <= offset < 1 << OFFSET_BITS:
+        raise ValueError(f"offset {offset} does not fit {OFFSET_BITS} bits")
+    return int(region) << REGION_SHIFT | offset
+
+
+def split_address(addr: int) -> tuple[int, int]:
+    return addr >> REGION_SHIFT, addr & ((1 << OFFSET_BITS) - 1)
+
+
+def region_word_bits(region: Region, degree: int) -> int:
+    """Width of one word of ``region`` on a fabric of the given degree."""
+    return {Region.REGS: 32, Region.WEIGHTS: WEIGHT.bits * degree, Region.PARAMS: 16, Region.SEEDS: 64,
+            Region.SEQUENCE: 16, Region.MOMENTS: 16}[region]

@@ -1,0 +1,206 @@
+"""The gateware fabric against the emulator, bit for bit, and its host-facing behaviour."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from opentsu.compiler import FloatLayer, compile_layers, compile_model
+from opentsu.devicemap import Control, Reg, Region, Status, program_writes, sequence_writes
+from opentsu.emulator import Emulator
+from opentsu.exact import moment_errors
+from opentsu.fabric import FabricConfig, FabricGeometry
+from opentsu.formats import PBIT, lane_seed_states, xoroshiro64_step
+from opentsu.gateware.fabric import Fabric
+from opentsu.gateware.pbit import Threshold
+from opentsu.gateware.rng import LaneRNG
+from opentsu.sequence import Op, Opcode
+from opentsu.topology import Grid
+
+from .fabricsim import bus_read, bus_write, run_chains
+from .util import grid_model
+
+
+def expected(program, ops, seed, chain=0):
+    emu = Emulator(program, chains=1, seed=seed, first_chain=chain)
+    out = emu.run(ops, full=True)[0]
+    emu.close()
+    return out
+
+
+OPS = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 2), Op(Opcode.THIN, 2), Op(Opcode.CAPTURE, 3),
+       Op(Opcode.SWEEP, 1), Op(Opcode.CAPTURE, 1)]
+
+CASES = {
+    # name: (fabric config, model rows, cols, jumps, torus)
+    "8x8-deg4-2lanes-lat3": (FabricConfig(8, 8, ((0, 1),), lanes=2), 7, 6, ((0, 1),), False),
+    "8x8-deg8-2lanes-lat2": (FabricConfig(8, 8, ((0, 1), (2, 1)), lanes=2, latency=2), 8, 8, ((0, 1), (2, 1)), True),
+    "6x6-deg4-4lanes-lat1": (FabricConfig(6, 6, ((0, 1),), lanes=4, latency=1), 6, 6, ((0, 1),), True),
+    "8x8-king-4colours": (FabricConfig(8, 8, ((0, 1), (1, 1)), lanes=4, latency=2), 8, 8, ((0, 1), (1, 1)), True),
+    "12x8-deg4-4lanes": (FabricConfig(12, 8, ((0, 1),), lanes=4), 12, 8, ((0, 1),), True),
+    "icebreaker": ("icebreaker", 16, 16, ((0, 1), (2, 1)), True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fabric_matches_emulator(case):
+    fabric, rows, cols, jumps, torus = CASES[case]
+    clamp = np.zeros(rows * cols, dtype=np.int8)
+    clamp[[1, rows * cols // 2]] = [1, -1]
+    model = grid_model(rows, cols, jumps, torus, seed=hash(case) % 1000, scale=0.8, field=0.5, clamp=clamp)
+    program = compile_model(model, fabric=fabric)
+    ops = OPS if case != "icebreaker" else OPS[:5]
+    got = run_chains(program, ops, seed=77, chains=(0, 5), name=case)
+    for k, chain in enumerate((0, 5)):
+        want = expected(program, ops, seed=77, chain=chain)
+        assert got[k].shape == want.shape
+        assert np.array_equal(got[k], want), f"chain {chain}: {np.argwhere(got[k] != want)[:5]}"
+
+
+def test_conditioning_and_layer_switching_match_emulator():
+    grid = Grid(8, 8, ((0, 1),), torus=False)
+    rng = np.random.default_rng(3)
+    layers = []
+    for _ in range(3):
+        J = np.zeros((64, 64))
+        for i, j in grid.edges:
+            J[i, j] = J[j, i] = rng.integers(-8, 9) / 8
+        clamp = np.zeros(64, dtype=np.int8)
+        clamp[rng.integers(0, 64, 2)] = [1, -1]
+        layers.append(FloatLayer(rng.integers(-8, 9, 64) / 8, J, 1.0, rng.integers(-24, 25, 64) / 8, clamp))
+    program = compile_layers(grid, layers, fabric=FabricConfig(8, 8, ((0, 1),), lanes=2, layers=3))
+    # A DTM-like chain: noise, then each layer conditioned on the previous one's output.
+    ops = [Op(Opcode.LOAD, 2), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, 2), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 2),
+           Op(Opcode.LOAD, 1), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 2), Op(Opcode.CAPTURE, 1),
+           Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 3), Op(Opcode.CAPTURE, 1)]
+    got = run_chains(program, ops, seed=11, name="conditioning")[0]
+    assert np.array_equal(got, expected(program, ops, seed=11))
+
+
+def test_extreme_values_never_wrap():
+    # Every weight ±7.875 and biases at the ends of the range: the field spans ±(8·63 + 126) codes.
+    model = grid_model(8, 8, ((0, 1), (2, 1)), torus=True, seed=5)
+    signs = np.sign(model.J)
+    model.J = np.where(signs != 0, np.where(np.random.default_rng(0).random(model.J.shape) < 0.5, 7.875, -7.875), 0)
+    model.J = np.triu(model.J, 1) + np.triu(model.J, 1).T
+    model.h = np.where(np.arange(64) % 2, 7.875, -7.875)
+    program = compile_model(model, fabric=FabricConfig(8, 8, ((0, 1), (2, 1)), lanes=2, latency=2))
+    assert program.report.exact
+    ops = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 3), Op(Opcode.CAPTURE, 2)]
+    assert np.array_equal(run_chains(program, ops, seed=3, name="extremes")[0], expected(program, ops, seed=3))
+
+
+def test_distribution_through_gateware_matches_exact_enumeration():
+    model = grid_model(4, 4, ((0, 1),), torus=False, seed=8, scale=0.7, field=0.4)
+    program = compile_model(model, fabric=FabricConfig(4, 4, ((0, 1),), lanes=2, latency=1))
+    per_chain, chains = 200, 4
+    ops = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 10), Op(Opcode.THIN, 2),
+           Op(Opcode.CAPTURE, per_chain)]
+    got = run_chains(program, ops, seed=21, chains=range(chains), name="distribution")
+    samples = np.stack([g[:, program.node_map] for g in got])
+    z_mean, z_pair = moment_errors(samples, model)
+    assert np.abs(z_mean).max() < 4 and np.abs(z_pair).max() < 4
+
+
+def test_host_bus_reads_back_and_refuses_writes_while_running():
+    model = grid_model(6, 6, ((0, 1),), seed=9)
+    program = compile_model(model, fabric=FabricConfig(8, 8, ((0, 1),), lanes=2))
+    params = [w for w in program_writes(program) if w[0] == Region.PARAMS][:6]
+    loaded = [Op(Opcode.LOAD, 0), Op(Opcode.CAPTURE, 1)]
+    long_run = sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 40), Op(Opcode.CAPTURE, 1)])
+
+    async def extra(ctx, dut):
+        for region, offset, value in params + sequence_writes(loaded):
+            assert await bus_read(ctx, dut, region, offset) == value
+        status = await bus_read(ctx, dut, Region.REGS, Reg.STATUS)
+        assert status & Status.RUNNING == 0 and status & Status.WRITE_REFUSED == 0
+        for region, offset, value in long_run:
+            await bus_write(ctx, dut, region, offset, value)
+        await bus_write(ctx, dut, Region.REGS, Reg.CONTROL, Control.START)
+        await ctx.tick().repeat(5)
+        assert (await bus_read(ctx, dut, Region.REGS, Reg.STATUS)) & Status.RUNNING
+        region, offset, value = params[0]
+        await bus_write(ctx, dut, region, offset, value ^ 0x0101)   # refused: keeps the old word
+        assert (await bus_read(ctx, dut, Region.REGS, Reg.STATUS)) & Status.WRITE_REFUSED
+        await ctx.tick().repeat(400)  # past the LOAD pass, into the 40 sweeps (32 cycles each)
+        await bus_write(ctx, dut, Region.REGS, Reg.CONTROL, Control.STOP)
+        for _ in range(2000):
+            await ctx.tick()
+            if not ctx.get(dut.running):
+                break
+        assert not ctx.get(dut.running)
+        assert await bus_read(ctx, dut, region, offset) == value
+        assert 0 < await bus_read(ctx, dut, Region.REGS, Reg.SWEEPS) < 40
+        await bus_write(ctx, dut, Region.REGS, Reg.STATUS, Status.WRITE_REFUSED)
+        assert not (await bus_read(ctx, dut, Region.REGS, Reg.STATUS)) & Status.WRITE_REFUSED
+
+    run_chains(program, loaded, seed=1, extra=extra, name="bus")
+
+
+def test_bad_sequence_sets_a_flag_and_stops():
+    program = compile_model(grid_model(4, 4, seed=10), fabric=FabricConfig(8, 8, ((0, 1),), lanes=2, layers=1))
+    ops = [Op(Opcode.LOAD, 0), Op(Opcode.LOAD, 3), Op(Opcode.CAPTURE, 1)]  # layer 3 does not exist
+
+    async def extra(ctx, dut):
+        assert (await bus_read(ctx, dut, Region.REGS, Reg.STATUS)) & Status.BAD_SEQUENCE
+
+    got = run_chains(program, ops, seed=1, extra=extra, name="bad_sequence")[0]
+    assert len(got) == 0
+
+
+def test_lane_rng_is_the_software_stream():
+    lanes = 3
+    dut = LaneRNG(lanes)
+    states = lane_seed_states(42, [7], lanes)[0]
+
+    async def bench(ctx):
+        for lane in range(lanes):
+            ctx.set(dut.seed_lane, lane)
+            ctx.set(dut.seed_state, int(states[lane, 0]) | int(states[lane, 1]) << 32)
+            ctx.set(dut.seed_en, 1)
+            await ctx.tick()
+        ctx.set(dut.seed_en, 0)
+        s0, s1 = states[:, 0].copy(), states[:, 1].copy()
+        ctx.set(dut.advance, 1)
+        for step in range(600):
+            word, s0, s1 = xoroshiro64_step(s0, s1)
+            assert [ctx.get(dut.words[lane]) for lane in range(lanes)] == word.tolist(), step
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_threshold_unit_is_the_pbit_rule():
+    dut = Threshold(8)
+    rng = np.random.default_rng(4)
+    words = rng.integers(0, 1 << 32, size=3000, dtype=np.uint64)
+    words[:16] = [0, 1 << 31, 0x7FFFFFFF, 0xFFFFFFFF] + [1 << k for k in range(16, 28)]
+    biases = rng.integers(-127, 128, size=len(words))
+    randomize = rng.random(len(words)) < 0.2
+    z = PBIT.threshold(words)
+    lowest, highest = -(1 << 10), (1 << 10) - 1
+
+    def want(k):
+        if biases[k] == 127:
+            return lowest
+        if biases[k] == -127:
+            return highest
+        return int(z[k]) - (0 if randomize[k] else int(biases[k]))
+
+    async def bench(ctx):
+        for k in range(len(words) + Threshold.LATENCY):
+            if k < len(words):
+                ctx.set(dut.word, int(words[k]))
+            if 2 <= k < len(words) + 2:
+                ctx.set(dut.bias, int(biases[k - 2]) & 0xFF)
+                ctx.set(dut.randomize, bool(randomize[k - 2]))
+            if k >= Threshold.LATENCY:
+                assert ctx.get(dut.theta) == want(k - Threshold.LATENCY), k
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
