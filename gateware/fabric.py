@@ -6,11 +6,12 @@ latency) and ``opentsu.formats`` (widths, p-bit tables, random streams); the mem
 
 Update stream (SWEEP, RANDOMIZE and the sweeps between captures), per lane, in pipeline steps:
 
-* front, step f: the lane draws its random word; ``pbit.Threshold`` turns it into θ = Z(r) - b,
-  reading the effective bias b from the scratch banks at step f+1 (θ is ready at step f+3);
-* stage A, step f + lead (``lead = 4 - latency``): the weight word (read at stage A - 1) meets the
-  neighbour spins, which come on fixed wires from the lane's station (``torus.SpinTorus``);
-* stage C, step f + 3: ``pbit.SpinSum`` decides ``s = Σ ±w >= θ`` and the torus writes it back.
+* front, step f: the lane draws its random word; ``pbit.Threshold`` turns it into θ = Z(r) - b over
+  ``Threshold.LATENCY`` steps, reading the effective bias b from the scratch banks one step earlier;
+* stage A, step f + lead: the weight word (read at stage A - 1) meets the neighbour spins, which come on
+  fixed wires from the lane's station (``torus.SpinTorus``); ``lead`` makes θ arrive exactly in the
+  stage where ``pbit.SpinSum`` consumes it;
+* stage C, ``latency - 1`` steps after A: ``s = Σ ±w >= θ`` and the torus writes it back.
 
 The stream advances together on ``step``; it may stall but never bubbles, so the torus rotates exactly
 once per stage-A token and the fixed write-back positions hold. When the stream ends, the last updates
@@ -148,7 +149,8 @@ class Fabric(wiring.Component):
         m = Module()
         g = self._g
         L, C, D, P = g.lanes, g.cycles, g.degree, g.latency
-        lead = Threshold.LATENCY + 1 - P
+        theta_stage = max(0, P - 2)                 # SpinSum reads θ in this stage
+        lead = Threshold.LATENCY - theta_stage      # front → stage A, in steps
         depth = lead + P - 1
         wbits = WEIGHT.bits
         tbits, lbits = tau_bits(C), lane_bits(L)
@@ -185,7 +187,7 @@ class Fabric(wiring.Component):
         running = Signal()
         m.d.comb += self.running.eq(running)
         sticky = Signal(8)
-        sweeps_count = Signal(32)
+        sweeps_count = Signal(24)
         op_index = Signal(range(SEQUENCE_DEPTH + 1))
         stop_request = Signal()
         start_pulse = Signal()
@@ -218,15 +220,16 @@ class Fabric(wiring.Component):
         scratch_wdata = Signal(data.ArrayLayout(16, banks))
         m.d.comb += [scratch.addr.eq(scratch_addr), scratch.r_en.eq(scratch_ren), scratch.w_en.eq(scratch_wen),
                      scratch.w_data.eq(scratch_wdata)]
-        with m.If(running & step):  # biases of the token one step behind the front
-            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(taus[1])]
+        bias_at = Threshold.LATENCY - 1               # the threshold samples the bias at this delay
+        with m.If(running & step):
+            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(taus[bias_at - 1])]
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
             threshold = Threshold(D)
             m.submodules[f"threshold{lane}"] = threshold
             m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
-                         threshold.randomize.eq(randomize[2]),
+                         threshold.randomize.eq(randomize[bias_at]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
             sel_a, _ = station_rom(taus[lead], lane, "a")
             sel_c, idle_c = station_rom(taus[depth], lane, "c")
@@ -249,7 +252,7 @@ class Fabric(wiring.Component):
         op_code = Signal(4)
         op_arg = Signal(ARG_BITS)
         op_low = Signal(16)
-        tokens_left = Signal(ARG_BITS + tbits + 1)
+        sweeps_left = Signal(ARG_BITS)
         thin = Signal(ARG_BITS, init=1)
         captures_left = Signal(ARG_BITS)
         load_phase = Signal(2)
@@ -276,7 +279,7 @@ class Fabric(wiring.Component):
                 update = ~stop_request & (op_index != SEQUENCE_DEPTH) & (
                     ((code == Opcode.SWEEP) & (arg != 0)) | (code == Opcode.RANDOMIZE))
                 with m.If(update):
-                    m.d.sync += [tokens_left.eq(Mux(code == Opcode.SWEEP, arg, 1) * C),
+                    m.d.sync += [sweeps_left.eq(Mux(code == Opcode.SWEEP, arg, 1)),
                                  f_randomize.eq(code == Opcode.RANDOMIZE), op_index.eq(op_index + 1)]
                     on_update()
                 with m.Else():
@@ -322,14 +325,14 @@ class Fabric(wiring.Component):
 
             with m.State("STREAM"):
                 m.d.comb += [step.eq(1), f_valid.eq(1)]
-                m.d.sync += [tokens_left.eq(tokens_left - 1), f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))]
+                m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
                 with m.If(f_tau == C - 1):
-                    m.d.sync += sweeps_count.eq(sweeps_count + 1)
+                    m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
                     with m.If(stop_request):  # STOP ends the run at the next sweep boundary
                         m.d.sync += after_drain.eq(AFTER_END)
                         m.next = "DRAIN"
-                with m.If((tokens_left == 1) & ~(stop_request & (f_tau == C - 1))):
-                    m.next = "STREAM_FETCH0"
+                    with m.Elif(sweeps_left == 1):
+                        m.next = "STREAM_FETCH0"
 
             # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
             fetch("STREAM_", go("STREAM"), drain_then_decode)
@@ -378,19 +381,19 @@ class Fabric(wiring.Component):
                     m.d.comb += read_rotate.eq(1)
                     with m.If(frame == C - 1):
                         with m.If((captures_left > 1) & ~stop_request):
-                            m.d.sync += [captures_left.eq(captures_left - 1), tokens_left.eq(thin * C),
+                            m.d.sync += [captures_left.eq(captures_left - 1), sweeps_left.eq(thin),
                                          f_randomize.eq(0)]
                             m.next = "CAPTURE_SWEEPS"
                         with m.Else():
                             m.next = "FETCH0"
             with m.State("CAPTURE_SWEEPS"):
                 m.d.comb += [step.eq(1), f_valid.eq(1)]
-                m.d.sync += [tokens_left.eq(tokens_left - 1), f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))]
+                m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
                 with m.If(f_tau == C - 1):
-                    m.d.sync += sweeps_count.eq(sweeps_count + 1)
-                with m.If((tokens_left == 1) | (stop_request & (f_tau == C - 1))):
-                    m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_CAPTURE))
-                    m.next = "DRAIN"
+                    m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
+                    with m.If((sweeps_left == 1) | stop_request):
+                        m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_CAPTURE))
+                        m.next = "DRAIN"
 
             with m.State("FINISH"):
                 m.d.comb += step.eq(1)

@@ -22,8 +22,8 @@ class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
     Timing, counted in enabled cycles (``en`` high): ``word`` is sampled at the end of step t, ``bias``
-    (and ``randomize``) at the end of step t + 2, and ``theta`` holds the result during step t + 3
-    (``LATENCY = 3``). With ``en`` low every stage holds.
+    (and ``randomize``) at the end of step t + ``LATENCY`` - 1, and ``theta`` holds the result during
+    step t + ``LATENCY``. Each stage holds at most one carry chain. With ``en`` low every stage holds.
 
     Ports
     -----
@@ -35,7 +35,7 @@ class Threshold(wiring.Component):
                           (always +1) and the most positive one (always -1)
     """
 
-    LATENCY = 3
+    LATENCY = 4
 
     def __init__(self, degree: int):
         self._degree = degree
@@ -53,7 +53,7 @@ class Threshold(wiring.Component):
         p = PBIT
         lo_table, bound_tables = p.tables
 
-        # Stage 1: split the word; octave = leading zeros of the octave field.
+        # Stage 1: split the word; the octave is the leading-zero count of the octave field.
         fold1 = Signal()
         octave1 = Signal(range(p.octaves))
         mant1 = Signal(p.mant_bits)
@@ -67,50 +67,62 @@ class Threshold(wiring.Component):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
-        # Stage 2: the octave's base threshold and its mantissa comparisons.
+        # Stage 2: per octave, the folded base (1 - LO in the upper half) and the mantissa comparisons.
+        # A bound that is nonzero in a single octave becomes a constant comparison gated by that octave.
         fold2 = Signal()
-        lo2 = Signal(signed(8))
+        base2 = Signal(signed(9))
         below2 = Signal(p.boundaries)
-        # The octave selects four mantissa bounds from small tables; four comparators then count them.
-        bounds = [Signal(p.mant_bits + 1, name=f"bound{k}") for k in range(p.boundaries)]
-        lo = Signal(signed(8))
-        with m.Switch(octave1):
-            for e in range(p.octaves):
-                with m.Case(e):
-                    m.d.comb += lo.eq(lo_table[e])
-                    m.d.comb += [bound.eq(table[e]) for bound, table in zip(bounds, bound_tables)]
+        base = Signal(signed(9))
+        with m.Switch(Cat(octave1, fold1)):
+            for fold in (0, 1):
+                for e in range(p.octaves):
+                    with m.Case(e | fold << len(octave1)):
+                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e])
+        below = []
+        for k, table in enumerate(bound_tables):
+            used = [e for e in range(p.octaves) if table[e]]
+            if len(used) <= 1:
+                below.append(Const(0, 1) if not used else (octave1 == used[0]) & (mant1 < table[used[0]]))
+            else:
+                bound = Signal(p.mant_bits, name=f"bound{k}")
+                with m.Switch(octave1):
+                    for e in range(p.octaves):
+                        with m.Case(e):
+                            m.d.comb += bound.eq(table[e])
+                below.append(mant1 < bound)
         with m.If(self.en):
-            m.d.sync += [fold2.eq(fold1), lo2.eq(lo), below2.eq(Cat(*(mant1 < bound for bound in bounds)))]
+            m.d.sync += [fold2.eq(fold1), base2.eq(base), below2.eq(Cat(*below))]
 
-        # Stage 3: Z = Z_low (lower half) or 1 - Z_low (upper half); θ = Z - b; clamps override.
-        z_low = Signal(signed(8))
-        m.d.comb += z_low.eq(lo2 - sum(below2[k] for k in range(p.boundaries)))
-        z = Signal(signed(9))
-        m.d.comb += z.eq(Mux(fold2, 1 - z_low, z_low))
+        # Stage 3: Z = base - count (lower half) or base + count (upper half, since Z = 1 - Z_low).
+        count = sum(below2[k] for k in range(p.boundaries))
+        z3 = Signal(signed(9))
+        with m.If(self.en):
+            m.d.sync += z3.eq(Mux(fold2, base2 + count, base2 - count))
+
+        # Stage 4: θ = Z - b; clamp codes override.
         bias = self.bias.as_signed()
-        clamp_plus = bias == CLAMP_PLUS
-        clamp_minus = bias == CLAMP_MINUS
         lowest, highest = -(1 << (self._bits - 1)), (1 << (self._bits - 1)) - 1
         with m.If(self.en):
-            with m.If(clamp_plus):
+            with m.If(bias == CLAMP_PLUS):
                 m.d.sync += self.theta.eq(lowest)
-            with m.Elif(clamp_minus):
+            with m.Elif(bias == CLAMP_MINUS):
                 m.d.sync += self.theta.eq(highest)
             with m.Elif(self.randomize):
-                m.d.sync += self.theta.eq(z)
+                m.d.sync += self.theta.eq(z3)
             with m.Else():
-                m.d.sync += self.theta.eq(z - bias)
+                m.d.sync += self.theta.eq(z3 - bias)
         return m
 
 
 class SpinSum(wiring.Component):
     """The spin path of one lane: ``Σ_d s_d·w_d >= θ``, cut into ``latency`` pipeline stages.
 
-    ``spins`` (bit d = 1 for s_d = +1) and ``weights`` (weight d in bits [7d, 7d+7)) are sampled in step A;
-    ``theta`` in step A + latency - 1, when ``spin`` gives the result (combinationally, for the write-back
-    at the end of that step). ``±w`` is ``w ^ mask`` plus a count of negative spins (STYLE.md: the mux form
-    costs 35% more logic). With ``zero`` high in step A the neighbour sum is forced to 0. Stages advance
-    on ``en``.
+    ``spins`` (bit d = 1 for s_d = +1) and ``weights`` (weight d in bits [7d, 7d+7)) are sampled in stage
+    0 ("A"); ``theta`` is read in stage ``theta_stage`` and ``spin`` gives the result in the last stage
+    (combinationally, for the write-back at the end of that step). ``±w`` is ``w ^ mask`` plus one for
+    each negative spin (STYLE.md: the mux form costs 35% more logic); that count is taken off θ one stage
+    before the end, so the last stage is a single comparison. With ``zero`` high in stage A the neighbour
+    sum is forced to 0. Stages advance on ``en``.
     """
 
     def __init__(self, degree: int, latency: int):
@@ -126,6 +138,11 @@ class SpinSum(wiring.Component):
             "spin": Out(1),
         })
 
+    @property
+    def theta_stage(self) -> int:
+        """Stage (0 = A) in which ``theta`` is read."""
+        return max(0, self._latency - 2)
+
     def elaborate(self, platform):
         m = Module()
         D, P, wbits = self._degree, self._latency, WEIGHT.bits
@@ -140,18 +157,32 @@ class SpinSum(wiring.Component):
             negatives.append(neg)
         count = sum(negatives)
         levels = max(1, (D - 1).bit_length())
-        cuts = [max(1, round(levels * k / P)) for k in range(1, P)]
-        for level in range(1, levels + 1):
-            values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
-                      for i in range(0, len(values), 2)]
-            for _ in range(cuts.count(level)):
-                regs = [Signal(signed(sum_w), name=f"acc{level}_{k}") for k in range(len(values))]
-                held = Signal(range(D + 1), name=f"negs{level}")
+        cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
+        threshold = None
+        level = 0
+        for stage in range(P):
+            last_level = cuts[stage] if stage < P - 1 else levels
+            while level < last_level:
+                values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
+                          for i in range(0, len(values), 2)]
+                level += 1
+            if P >= 2 and stage == self.theta_stage:
+                threshold = self.theta - count
+            if stage == P - 1:
+                break
+            regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
+            held = Signal(range(D + 1), name=f"negs{stage}")
+            with m.If(self.en):
+                m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
+                m.d.sync += held.eq(count)
+            values, count = regs, held
+            if threshold is not None:
+                thr = Signal(signed(theta_bits(D) + 1), name=f"thr{stage}")
                 with m.If(self.en):
-                    m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
-                    m.d.sync += held.eq(count)
-                values, count = regs, held
-        field = Signal(signed(sum_w + 1))
-        m.d.comb += field.eq(values[0] + count)
-        m.d.comb += self.spin.eq(field >= self.theta)
+                    m.d.sync += thr.eq(threshold)
+                threshold = thr
+        if P >= 2:
+            m.d.comb += self.spin.eq(values[0] >= threshold)
+        else:
+            m.d.comb += self.spin.eq(values[0] + count >= self.theta)
         return m

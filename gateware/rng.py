@@ -1,4 +1,4 @@
-"""Per-lane random streams: one xoroshiro64+ generator per lane (``opentsu.formats.xoroshiro64_step``)."""
+"""Per-lane random streams: one xoroshiro64 generator per lane (``opentsu.formats.xoroshiro64_step``)."""
 
 from amaranth import *
 from amaranth.lib import data, stream, wiring
@@ -14,12 +14,12 @@ def _rotl(x, k):
 
 
 class LaneRNG(wiring.Component):
-    """A bank of ``lanes`` xoroshiro64+ generators.
+    """A bank of ``lanes`` xoroshiro64 generators.
 
     Ports
     -----
     words : Out(ArrayLayout(32, lanes))
-        Each lane's current output word ``s0 + s1 mod 2^32`` (combinational from the state).
+        Each lane's current output word ``s0``.
     advance : In(1)
         Step every generator at the end of this cycle (a "draw").
     seed_lane, seed_state, seed_en : In
@@ -58,7 +58,7 @@ class LaneRNG(wiring.Component):
         for lane in range(self._lanes):
             s0 = Signal(32, name=f"s0_{lane}", init=1)
             s1 = Signal(32, name=f"s1_{lane}")
-            m.d.comb += self.words[lane].eq(s0 + s1)
+            m.d.comb += self.words[lane].eq(s0)
             t = Signal(32, name=f"t_{lane}")
             m.d.comb += t.eq(s0 ^ s1)
             with m.If(self.seed_en & (self.seed_lane == lane)):

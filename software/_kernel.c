@@ -3,7 +3,7 @@
  * Layouts (all C-contiguous, chains innermost so every per-node operation is a vector over chains):
  *   spins   int8   [nodes][chains]      values -1 / +1
  *   bias    int16  [nodes][chains]      effective bias codes, clamps as +-FORCE (see emulator.py)
- *   s0, s1  uint32 [lanes][chains]      xoroshiro64+ state of each lane's stream
+ *   s0, s1  uint32 [lanes][chains]      xoroshiro64 state of each lane's stream
  *   order   int32  [cycles][lanes]      node updated by each lane on each sweep cycle, -1 idle
  *   nbr     int32  [nodes][degree]      neighbour table (no -1: missing neighbours carry weight 0)
  *   weights int16  [nodes][degree]      weight codes
@@ -44,11 +44,11 @@ static inline int32_t pbit(int32_t f, uint32_t word, const int32_t *restrict key
     return (key < keys[f + KEY_SPAN]) ^ fold;
 }
 
-/* One xoroshiro64+ step: returns the word, advances the state. */
+/* One xoroshiro64 draw: the word is s0; the state advances. */
 #define XOROSHIRO_STEP(a, b, k, word)                                                                 \
     do {                                                                                              \
         const uint32_t x_ = (a)[k], y_ = (b)[k], t_ = x_ ^ y_;                                       \
-        (word) = x_ + y_;                                                                             \
+        (word) = x_;                                                                                  \
         (a)[k] = rotl32(x_, 26) ^ t_ ^ (t_ << 9);                                                    \
         (b)[k] = rotl32(t_, 13);                                                                      \
     } while (0)

@@ -52,7 +52,7 @@ class Reg(enum.IntEnum):
     CONTROL = 0     # write: Control bits
     STATUS = 1      # read: Status bits
     OP_INDEX = 2    # read: index of the op running (or last run)
-    SWEEPS = 3      # read: sweeps issued since start (wraps at 2^32)
+    SWEEPS = 3      # read: sweeps issued since start (24 bits, wraps)
     FLAGS = 4       # read/write: run flags (Flags)
 
 

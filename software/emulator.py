@@ -1,6 +1,6 @@
 """The bit-exact emulator: the executable specification of the fabric.
 
-It runs a program exactly as the gateware does: the same per-lane xoroshiro64+ streams (every lane draws
+It runs a program exactly as the gateware does: the same per-lane xoroshiro64 streams (every lane draws
 one word on every sweep cycle, idle or not), the same schedule, the same integer fields and the same
 p-bit threshold (``opentsu.formats``). Chains run side by side; chain ``k`` of an emulator built with
 ``first_chain=f`` uses the random streams of global chain ``f + k``, which is what a board running the

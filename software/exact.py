@@ -40,31 +40,38 @@ def exact_moments(model: IsingModel) -> tuple[np.ndarray, np.ndarray]:
 
 
 def effective_sample_size(chains: np.ndarray) -> np.ndarray:
-    """ESS of each column of ``chains`` (shape (C, T, k): C chains of T draws of k observables).
+    """Multi-chain ESS of each observable (``chains`` has shape (C, T, k): C chains of T draws of k).
 
-    Integrated autocorrelation time by Geyer's initial positive sequence on the chain-averaged
-    autocovariance; the ESS is ``C·T / τ``, capped at ``C·T``.
+    Gelman et al. (BDA3, §11.5): autocorrelations are taken against the pooled variance
+    ``var+ = (T-1)/T·W + B/T``, so chains stuck in different modes (a large between-chain variance B)
+    shrink the ESS as they should; Geyer's initial positive sequence truncates the sum. The ESS is
+    ``C·T / τ``, capped at ``C·T``.
     """
     x = np.asarray(chains, dtype=np.float64)
     c, t, k = x.shape
-    centred = x - x.mean(axis=(0, 1), keepdims=True)
-    var = (centred ** 2).mean(axis=(0, 1))
+    chain_means = x.mean(axis=1)
+    centred = x - chain_means[:, None, :]
+    within = (centred ** 2).sum(axis=1) / max(t - 1, 1)       # (C, k)
+    W = within.mean(axis=0)
+    B_over_t = chain_means.var(axis=0, ddof=1) if c > 1 else np.zeros(k)
+    var_plus = (t - 1) / t * W + B_over_t
     size = 1 << int(np.ceil(np.log2(2 * t)))
     spectrum = np.fft.rfft(centred, n=size, axis=1)
-    acov = np.fft.irfft(np.abs(spectrum) ** 2, n=size, axis=1)[:, :t].mean(axis=0) / t  # (t, k)
+    acov = np.fft.irfft(np.abs(spectrum) ** 2, n=size, axis=1)[:, :t] / t   # (C, t, k), biased estimate
+    mean_acov = acov.mean(axis=0)
     ess = np.empty(k)
     for j in range(k):
-        if var[j] <= 0:
+        if var_plus[j] <= 0:
             ess[j] = c * t
             continue
-        rho = acov[:, j] / acov[0, j]
-        tau = 1.0
+        rho = 1.0 - (W[j] - mean_acov[:, j]) / var_plus[j]
+        tau = -1.0 + 2 * rho[0]  # rho[0] is ~1: tau starts at 1
         for lag in range(1, t - 1, 2):
             pair = rho[lag] + rho[lag + 1]
             if pair <= 0:
                 break
             tau += 2 * pair
-        ess[j] = min(c * t, c * t / tau)
+        ess[j] = min(c * t, c * t / max(tau, 1e-9))
     return ess
 
 

@@ -33,11 +33,12 @@ force construction.
 
 The random streams
 ------------------
-Each lane owns one xoroshiro64+ generator (Blackman & Vigna's xoroshiro engine on two 32-bit words with
-rotations a=26, b=9, c=13, output ``s0 + s1 mod 2^32``): every draw advances the state by one full
-step, so successive words are not shifted copies of each other. Its lowest bits are weak, and the p-bit
-uses only bits 31..6. State comes from a 64-bit seed through splitmix64, one independent state per
-(chain, lane).
+Each lane owns one xoroshiro64 generator (Blackman & Vigna's xoroshiro linear engine on two 32-bit
+words, rotations a=26, b=9, c=13, period 2^64 - 1); a draw is the word ``s0`` followed by one full step,
+so successive words are not shifted copies of each other. The engine is used without a scrambler: the
+``+`` scrambler costs an adder per lane (31 LUTs and 31 carries on the iCE40) and the p-bit already
+passes the 26 bits it uses through a nonlinear threshold. State comes from a 64-bit seed through
+splitmix64, one independent state per (chain, lane).
 """
 
 from __future__ import annotations
@@ -331,14 +332,13 @@ def _rotl32(x, k):
 
 
 def xoroshiro64_step(s0, s1):
-    """One step of every generator: returns ``(word, s0', s1')`` for uint32 arrays (or scalars).
+    """One draw from every generator: returns ``(word, s0', s1')`` for uint32 arrays (or scalars).
 
-    ``word = s0 + s1 (mod 2^32)``; then ``t = s0 ^ s1``, ``s0' = rotl(s0, 26) ^ t ^ (t << 9)``,
-    ``s1' = rotl(t, 13)``.
+    ``word = s0``; then ``t = s0 ^ s1``, ``s0' = rotl(s0, 26) ^ t ^ (t << 9)``, ``s1' = rotl(t, 13)``.
     """
     s0 = np.asarray(s0, dtype=np.uint32)
     s1 = np.asarray(s1, dtype=np.uint32)
-    word = (s0.astype(np.uint64) + s1.astype(np.uint64)).astype(np.uint32)
+    word = s0.copy()
     t = s0 ^ s1
     n0 = _rotl32(s0, 26) ^ t ^ ((t << np.uint32(9)) & np.uint32(_MASK32))
     n1 = _rotl32(t, 13)

@@ -68,14 +68,14 @@ def test_general_graph_runs_on_the_reference():
 
 
 EXACT_CASES = {
-    "frustrated-torus": dict(rows=4, cols=4, jumps=((0, 1),), torus=True, seed=21, scale=1.0, field=0.2),
+    "frustrated-torus": dict(rows=4, cols=4, jumps=((0, 1),), torus=True, seed=21, scale=0.6, field=0.2),
     "degree8-open": dict(rows=4, cols=4, jumps=((0, 1), (2, 1)), torus=False, seed=22, scale=0.6, field=0.3),
     "strong-fields": dict(rows=3, cols=5, jumps=((0, 1),), torus=False, seed=23, scale=0.3, field=2.5),
     "clamped": dict(rows=4, cols=4, jumps=((0, 1), (2, 1)), torus=False, seed=24, scale=0.7, field=0.2,
                     clamp=[1, 0, 0, -1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, -1]),
     "torus-clamped": dict(rows=4, cols=4, jumps=((0, 1),), torus=True, seed=25, scale=0.9, field=0.1,
                           clamp=[0] * 5 + [1] + [0] * 9 + [-1]),
-    "strong-couplings": dict(rows=2, cols=6, jumps=((0, 1),), torus=False, seed=26, scale=1.2, field=0.5),
+    "ladder": dict(rows=2, cols=6, jumps=((0, 1),), torus=False, seed=26, scale=0.8, field=0.5),
 }
 
 

@@ -108,26 +108,26 @@ def test_kernel_key_form_equals_threshold():
     assert np.array_equal(kernel_plus, fields >= PBIT.threshold(words))
 
 
-def reference_xoroshiro64plus(s0, s1, count):
-    """Blackman & Vigna's xoroshiro64 engine with the + scrambler, written from the paper with Python ints."""
+def reference_xoroshiro64(s0, s1, count):
+    """Blackman & Vigna's xoroshiro64 linear engine (output s0), written from the paper with Python ints."""
     out = []
     mask = 0xFFFFFFFF
     rotl = lambda x, k: ((x << k) | (x >> (32 - k))) & mask
     for _ in range(count):
-        out.append((s0 + s1) & mask)
+        out.append(s0)
         s1 ^= s0
         s0 = rotl(s0, 26) ^ s1 ^ ((s1 << 9) & mask)
         s1 = rotl(s1, 13)
     return out
 
 
-def test_rng_is_xoroshiro64plus():
+def test_rng_is_xoroshiro64():
     s0, s1 = np.uint32(0x12345678), np.uint32(0x9ABCDEF0)
     words = []
     for _ in range(1000):
         w, s0, s1 = xoroshiro64_step(s0, s1)
         words.append(int(w))
-    assert words == reference_xoroshiro64plus(0x12345678, 0x9ABCDEF0, 1000)
+    assert words == reference_xoroshiro64(0x12345678, 0x9ABCDEF0, 1000)
 
 
 def test_splitmix64_known_value():

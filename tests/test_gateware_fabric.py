@@ -193,9 +193,10 @@ def test_threshold_unit_is_the_pbit_rule():
         for k in range(len(words) + Threshold.LATENCY):
             if k < len(words):
                 ctx.set(dut.word, int(words[k]))
-            if 2 <= k < len(words) + 2:
-                ctx.set(dut.bias, int(biases[k - 2]) & 0xFF)
-                ctx.set(dut.randomize, bool(randomize[k - 2]))
+            late = Threshold.LATENCY - 1  # the bias and the randomize flag are sampled this many steps later
+            if late <= k < len(words) + late:
+                ctx.set(dut.bias, int(biases[k - late]) & 0xFF)
+                ctx.set(dut.randomize, bool(randomize[k - late]))
             if k >= Threshold.LATENCY:
                 assert ctx.get(dut.theta) == want(k - Threshold.LATENCY), k
             await ctx.tick()
