@@ -116,8 +116,8 @@ class UARTRx(wiring.Component):
     voting: at two of the three samples there), so a low pulse of half a bit or less is ignored.
     Data and stop bits are sampled at :attr:`sample_point`, a little before mid-bit. The receiver
     looks for the next start bit as soon as the stop bit is sampled, so a sender that is slightly
-    fast does not lose frames. A byte appears on ``o`` ``3 + spacing`` cycles after its stop bit's
-    sample point (synchroniser, vote and output register).
+    fast does not lose frames. A byte appears on ``o`` 3 cycles after its stop bit's sample point
+    (synchroniser and output register), 2 + ``max(1, divisor // 16)`` more with the vote.
     """
 
     rx: In(1, init=1)
@@ -147,14 +147,19 @@ class UARTRx(wiring.Component):
     def sample_point(self):
         """Cycles from the start of a data or stop bit to the clock edge that samples it (the middle tap).
 
-        Measured from the first clock edge that sees the start bit (after the synchroniser), so
-        ``sample_point + 1`` cycles from the line's edge at most. It is a little before mid-bit:
-        a sender that runs slow moves the bits later by up to 9 × its error at the stop bit,
-        but one that runs fast also loses the detection latency, so
-        ``round(9 * (divisor - 1) / 19)`` balances the two and widens the worse side of the
-        tolerance (from 3.8 % to about 4.4 % at divisor 16).
+        Measured from the first clock edge that sees the start bit (after the synchroniser). It is
+        a little before mid-bit, to balance the two ways a frame can fail at its far end: a slow
+        sender delays the stop bit by 9 × its error, while a fast one starts the next frame before
+        the receiver is back looking for it (which happens ``decision_lag`` cycles after the stop
+        bit's sample point). ``round(9 * (divisor - 1 - decision_lag) / 19)`` equalises the two.
         """
-        return round(9 * (self.divisor - 1) / 19)
+        return round(9 * (self.divisor - 1 - self.decision_lag) / 19)
+
+    @property
+    def decision_lag(self):
+        """Cycles from a bit's sample point to its decision: 0 for a single sample, otherwise the
+        vote's late tap (``max(1, divisor // 16)`` cycles) plus its register."""
+        return max(1, self.divisor // 16) + 1 if self.majority else 0
 
     def elaborate(self, platform):
         m = Module()
@@ -162,26 +167,31 @@ class UARTRx(wiring.Component):
         line = Signal(init=1)
         m.submodules.rx_sync = FFSynchronizer(self.rx, line, init=1)
 
-        # Samples are voted on `spacing` cycles after the mid-bit point, when the three taps
-        # (spacing·2 ago, spacing ago, now) straddle it symmetrically.
+        # The vote over three taps (2·spacing ago, spacing ago, now) lands in a flip-flop, so a bit is
+        # decided `spacing + 1` cycles after the sample instant it is centred on; `lag` is that delay.
         spacing = max(1, self.divisor // 16) if self.majority else 0
         if spacing:
             history = Signal(2 * spacing, init=(1 << 2 * spacing) - 1)
             m.d.sync += history.eq(Cat(line, history[:-1]))
             taps = (line, history[spacing - 1], history[2 * spacing - 1])
-            bit = Signal()
-            m.d.comb += bit.eq((taps[0] & taps[1]) | (taps[0] & taps[2]) | (taps[1] & taps[2]))
+            bit = Signal(init=1)
+            m.d.sync += bit.eq((taps[0] & taps[1]) | (taps[0] & taps[2]) | (taps[1] & taps[2]))
         else:
             bit = line
+        lag = self.decision_lag
 
         half = self.divisor // 2
+        # `strobe` is `timer == 0`, kept in a flip-flop (compared a cycle ahead) for speed.
         timer = Signal(range(self.divisor))
-        strobe = Signal()
-        m.d.comb += strobe.eq(timer == 0)
+        strobe = Signal(init=1)
+
+        def start_timer(cycles):
+            m.d.sync += [timer.eq(cycles - 1), strobe.eq(cycles == 1)]
+
         with m.If(~strobe):
-            m.d.sync += timer.eq(timer - 1)
+            m.d.sync += [timer.eq(timer - 1), strobe.eq(timer == 1)]
         with m.Else():
-            m.d.sync += timer.eq(self.divisor - 1)
+            start_timer(self.divisor)
 
         data = Signal(8)
         count = Signal(range(8))
@@ -193,7 +203,7 @@ class UARTRx(wiring.Component):
             with m.State("Idle"):
                 with m.If(~line):
                     # The edge happened up to a cycle ago; the start bit's middle is half a bit on.
-                    m.d.sync += timer.eq(half + spacing - 1)
+                    start_timer(half + lag)
                     m.next = "Start"
             with m.State("Start"):
                 with m.If(strobe):
@@ -202,7 +212,8 @@ class UARTRx(wiring.Component):
                     with m.Else():
                         # The start bit is validated at its middle, the other bits sampled at
                         # `sample_point` (see there).
-                        m.d.sync += [count.eq(0), timer.eq(self.divisor - 1 - (half - self.sample_point))]
+                        m.d.sync += count.eq(0)
+                        start_timer(self.divisor - (half - self.sample_point))
                         m.next = "Data"
             with m.State("Data"):
                 with m.If(strobe):
@@ -271,14 +282,24 @@ class UARTTx(wiring.Component):
         timer = Signal(range(self.divisor))
         m.d.comb += self.tx.eq(frame[0])
 
-        last_cycle = timer == 0
-        with m.If(~last_cycle):
-            m.d.sync += timer.eq(timer - 1)
-        with m.Elif(bits != 0):
-            m.d.sync += [frame.eq(Cat(frame[1:], 1)), bits.eq(bits - 1), timer.eq(self.divisor - 1)]
+        # `ready` comes straight from flip-flops: `last` is `timer == 0`, `idle` is `bits == 0` and
+        # `stop` is `bits == 1`, each updated a cycle ahead.
+        last = Signal(init=1)
+        idle = Signal(init=1)
+        stop = Signal()
+        with m.If(~last):
+            m.d.sync += [timer.eq(timer - 1), last.eq(timer == 1)]
+        with m.Elif(~idle):
+            m.d.sync += [
+                frame.eq(Cat(frame[1:], 1)), bits.eq(bits - 1), idle.eq(stop), stop.eq(bits == 2),
+                timer.eq(self.divisor - 1), last.eq(0),
+            ]
 
-        m.d.comb += self.i.ready.eq((bits == 0) | ((bits == 1) & last_cycle))
+        m.d.comb += self.i.ready.eq(idle | (stop & last))
         with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [frame.eq(Cat(0, self.i.payload, 1)), bits.eq(10), timer.eq(self.divisor - 1)]
+            m.d.sync += [
+                frame.eq(Cat(0, self.i.payload, 1)), bits.eq(10), idle.eq(0), stop.eq(0),
+                timer.eq(self.divisor - 1), last.eq(0),
+            ]
 
         return m

@@ -268,7 +268,7 @@ def test_rx_majority_vote_rejects_short_spikes(request, majority):
     data = random_bytes(rng, 8)
     bit = divisor * PERIOD_S
     lead = 3 * PERIOD_S                         # the start edge; the first clock edge after it is 0.5 later
-    instant = (0.5 + UARTRx(divisor).sample_point) * PERIOD_S   # within a data bit, from its start
+    instant = (0.5 + UARTRx(divisor, majority=majority).sample_point) * PERIOD_S   # from the bit start
     spike = 0.8 * PERIOD_S
     segments = []
     for byte in data:
