@@ -7,9 +7,9 @@ divisor has to divide the clock cleanly.
 Choosing the divisor
 ====================
 
-The iCEBreaker's FT2232H generates 3 Mbaud exactly (its 3 MHz baud base divided by 1), and any
-``3 MHz / n`` with small fractional error. Run the fabric clock at a multiple of 3 MHz and the link
-has no rate error at all:
+The iCEBreaker's FT2232H divides its 12 MHz baud base by a divisor in eighths, so 3 Mbaud (12 MHz / 4)
+is exact on its side. Run the fabric clock at a multiple of 3 MHz and the link has no rate error at
+all:
 
 =========  ==============  =======
 f_clk      baud            divisor
@@ -27,18 +27,18 @@ tolerance (1 % by default). A clock such as 50 MHz gives 16.67 cycles per bit: r
 
 Receiver tolerance: the receiver locks to the falling edge of the start bit (to within one clock)
 and samples each bit at a fixed offset from it, so a sender whose rate is off accumulates its error
-over the frame, worst at the stop bit 9.5 bit times in. Measured in ``tests/test_uart.py`` with
-back-to-back frames and the sender at several phases against the receiver clock (default
-``majority``):
+over the frame, worst at the stop bit 9.5 bit times in. Measured with the bit-level line driver of
+``tests/test_uart.py``, back-to-back frames and the sender at seven phases against the receiver clock, in steps of 0.2 %:
 
-=========  ===================  ===================
-divisor    sender fast by up to  sender slow by up to
-=========  ===================  ===================
-4          5.0 %                3.0 %
-8          5.0 %                4.2 %
-16         4.4 %                4.8 %
-24         4.6 %                5.0 %
-=========  ===================  ===================
+=========  ========  ====================  ====================
+divisor    majority  sender fast by up to  sender slow by up to
+=========  ========  ====================  ====================
+4          no        5.0 %                 3.0 %
+8          no        5.0 %                 4.2 %
+16         yes       4.4 %                 4.2 %
+16         no        5.0 %                 4.8 %
+24         yes       4.6 %                 4.6 %
+=========  ========  ====================  ====================
 
 The test suite holds the receiver to ±2.5 % at divisor 4, ±3.5 % at 8 and ±4 % from 16 up.
 """
@@ -92,8 +92,9 @@ class UARTRx(wiring.Component):
         Clock cycles per bit, at least :data:`MIN_DIVISOR`.
     majority : bool or None
         Decide each bit by the majority of three samples spaced ``max(1, divisor // 16)`` cycles
-        apart around mid-bit, rejecting short noise pulses. ``None`` (default) enables it from
-        divisor 16 up, where it costs no rate tolerance worth having.
+        apart around its sample point, so a noise pulse shorter than a clock period cannot flip
+        it. It costs some rate tolerance (see the module documentation), too much below divisor 8.
+        ``None`` (default) enables it from divisor 16 up.
 
     Ports
     -----
