@@ -115,6 +115,7 @@ class Fabric(wiring.Component):
     bus : In(BusSignature)            host reads and writes (``opentsu.devicemap``)
     samples : Out(stream.Signature(lanes))   capture words, schedule order
     running : Out(1)                  a sequence is executing
+    error : Out(1)                    a sticky ``devicemap.Status`` error bit is set
     mix : In(stream.Signature(lanes)) TRNG bits, one per lane per draw, used while the TRNG_MIX flag is set
     """
 
@@ -131,6 +132,7 @@ class Fabric(wiring.Component):
             "bus": In(BusSignature),
             "samples": Out(stream.Signature(geometry.lanes)),
             "running": Out(1),
+            "error": Out(1),
             "mix": In(stream.Signature(geometry.lanes)),
         })
 
@@ -187,6 +189,7 @@ class Fabric(wiring.Component):
         running = Signal()
         m.d.comb += self.running.eq(running)
         sticky = Signal(8)
+        m.d.comb += self.error.eq(sticky[1:].any())
         sweeps_count = Signal(24)
         op_index = Signal(range(SEQUENCE_DEPTH + 1))
         stop_request = Signal()
