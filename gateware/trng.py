@@ -10,8 +10,8 @@ Data path (``docs/trng.md`` has the derivations and the reasons)::
                  alarm, failures                XOR `decimation` raw bits ─▶ shift into `width`-bit word ─▶ o
 
 * **Noise source.** Each oscillator is an odd-length ring of inverting ``SB_LUT4`` cells (oscillator
-  *k* has ``stages + 2k`` of them, so no two run at the same frequency and they do not lock to each
-  other). Each ring is sampled through a 2-flip-flop synchroniser and the samples are XORed.
+  *k* has ``stages + 2k`` of them, so no two run at the same frequency and they are less prone to
+  lock to each other). Each ring is sampled through a 2-flip-flop synchroniser and the samples are XORed.
 * **Health tests** (:class:`HealthTests`) watch every raw bit: the Repetition Count Test and the
   Adaptive Proportion Test (window 1024) of SP 800-90B §4.4, with cutoffs derived here, at
   elaboration, from the claimed min-entropy per raw bit and the false-positive probability
@@ -356,8 +356,8 @@ class TRNG(wiring.Component):
     oscillators : int
         Ring oscillators in the bank (at least 1); oscillator *k* has ``stages + 2k`` inverters.
     stages : int
-        Inverters in the shortest ring; odd, at least 3 (a single LUT looped on itself oscillates
-        too fast to be of use and would mostly test the synchroniser).
+        Inverters in the shortest ring; odd, at least 3 (a loop through one cell runs so fast that
+        it may not swing cleanly).
     sample_divisor : int
         Clock cycles per raw bit (at least 1): the rings' jitter accumulates between samples.
     decimation : int
@@ -384,6 +384,9 @@ class TRNG(wiring.Component):
         Sticky health-test failure, see :class:`HealthTests`.
     failures : Out(16)
         Health-test failure events since reset or ``clear``, saturating.
+
+    ``raw.ready`` is a constant (``always_ready``). To convert a TRNG as the top level on its own,
+    pass ``ports=`` explicitly to ``rtlil.convert``, without the constant.
     """
 
     def __init__(self, width=32, *, oscillators=4, stages=3, sample_divisor=8, decimation=8,
