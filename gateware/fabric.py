@@ -27,10 +27,10 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Reg, Region, REGION_SHIFT, Status, lane_bits,
+from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Flags, Reg, Region, REGION_SHIFT, Status, lane_bits,
                                tau_bits)
 from opentsu.fabric import FabricGeometry
-from opentsu.formats import WEIGHT
+from opentsu.formats import SEED_STEPS, WEIGHT
 from opentsu.sequence import ARG_BITS, Opcode
 
 from .ice40 import SPRAMBanks
@@ -126,6 +126,8 @@ class Fabric(wiring.Component):
             raise TypeError(f"a fabric needs a FabricGeometry, not {geometry!r}")
         if target not in self.TARGETS:
             raise ValueError(f"unknown fabric target {target!r}; choose from {self.TARGETS}")
+        if geometry.lanes > 16:
+            raise ValueError(f"a fabric seeds at most 16 lanes from one scratch word, not {geometry.lanes}")
         self._g = geometry
         self._target = target
         super().__init__({
@@ -137,11 +139,18 @@ class Fabric(wiring.Component):
         })
 
     @staticmethod
-    def scratch_shape(geometry: FabricGeometry) -> tuple[int, int]:
-        """``(banks, depth)``: two lanes' biases per 16-bit word; depth for the bias row and every layer's
-        node words (addresses ``τ`` and ``1 | k | τ | layer | 1``, as bit fields)."""
+    def scratch_layout(geometry: FabricGeometry) -> tuple[int, int]:
+        """``(body bits, depth)`` of the scratch address ``Cat(body, area)`` with two area bits:
+        area 0 holds the current biases (body τ), area 1 the seed-injection words (body k), area 2 every
+        layer's node words (body ``Cat(k, τ, layer)``, k choosing the lane of a bank's pair)."""
         layer_bits = max(1, (geometry.config.layers - 1).bit_length())
-        return (geometry.lanes + 1) // 2, 1 << (1 + tau_bits(geometry.cycles) + layer_bits + 1)
+        body = max(1 + tau_bits(geometry.cycles) + layer_bits, (SEED_STEPS - 1).bit_length())
+        return body, 1 << (body + 2)
+
+    @staticmethod
+    def scratch_shape(geometry: FabricGeometry) -> tuple[int, int]:
+        """``(banks, depth)``: two lanes' biases per 16-bit bank word (see ``scratch_layout``)."""
+        return (geometry.lanes + 1) // 2, Fabric.scratch_layout(geometry)[1]
 
     @property
     def geometry(self) -> FabricGeometry:
@@ -159,6 +168,10 @@ class Fabric(wiring.Component):
         layers = g.config.layers
         layer_bits = max(1, (layers - 1).bit_length())
         banks, scratch_depth = self.scratch_shape(g)
+        body_bits, _ = self.scratch_layout(g)
+
+        def scratch_address(area, body):
+            return Cat(body, Const(0, body_bits - len(body)), Const(area, 2))
 
         # ---------------------------------------------------------------- blocks and memories
         m.submodules.torus = torus = SpinTorus(g)
@@ -214,7 +227,9 @@ class Fabric(wiring.Component):
         m.d.comb += torus.rotate.eq((step & Cat(*valid[lead:lead + P]).any()) | read_rotate)
         with m.If(torus.rotate):
             m.d.sync += frame.eq(Mux(frame == C - 1, 0, frame + 1))
-        m.d.comb += rng.advance.eq(step & f_valid)
+        seed_step = Signal(range(SEED_STEPS + 1))
+        with m.If(step & f_valid):
+            m.d.comb += rng.advance.eq(1)
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
 
         scratch_addr = Signal(range(scratch_depth))
@@ -225,7 +240,7 @@ class Fabric(wiring.Component):
                      scratch.w_data.eq(scratch_wdata)]
         bias_at = Threshold.LATENCY - 1               # the threshold samples the bias at this delay
         with m.If(running & step):
-            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(taus[bias_at - 1])]
+            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(scratch_address(0, taus[bias_at - 1]))]
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
@@ -265,7 +280,7 @@ class Fabric(wiring.Component):
         m.d.comb += seq.r_en.eq(1)
 
         def param_address(k):
-            return Cat(Const(k, 1), frame, layer, Const(1, 1))
+            return scratch_address(2, Cat(Const(k, 1), frame, layer))
 
         def fetch(prefix, on_update, on_other):
             with m.State(f"{prefix}FETCH0"):
@@ -302,7 +317,19 @@ class Fabric(wiring.Component):
                 m.d.comb += step.eq(1)
                 with m.If(start_pulse):
                     m.d.sync += [running.eq(1), op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0),
-                                 thin.eq(1), f_tau.eq(0)]
+                                 thin.eq(1), f_tau.eq(0), seed_step.eq(0)]
+                    with m.If(flags[_bit(Flags.KEEP_RNG)]):
+                        m.next = "FETCH0"
+                    with m.Else():
+                        m.d.comb += [rng.reset.eq(1), scratch_ren.eq(1), scratch_addr.eq(scratch_address(1, Const(0, 6)))]
+                        m.next = "SEED"
+
+            with m.State("SEED"):
+                # 64 draws, each injecting one bit per lane read from the scratch (formats.seed_injection).
+                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(scratch_address(1, (seed_step + 1)[:6]))]
+                m.d.comb += [rng.advance.eq(1), rng.inject.eq(scratch.r_data[0][:L])]
+                m.d.sync += seed_step.eq(seed_step + 1)
+                with m.If(seed_step == SEED_STEPS - 1):
                     m.next = "FETCH0"
 
             fetch("", go("STREAM"), go("DECODE"))
@@ -373,7 +400,8 @@ class Fabric(wiring.Component):
                             word = node_words[bank] if half == 0 else scratch.r_data[bank]
                             m.d.comb += scratch_wdata[bank][8 * half:8 * half + 8].eq(
                                 Mux(here[lane], word[:8], word[8:]))
-                        m.d.comb += [scratch_wen.eq(-1), scratch_addr.eq(frame), read_rotate.eq(1)]
+                        m.d.comb += [scratch_wen.eq(-1), scratch_addr.eq(scratch_address(0, frame)),
+                                     read_rotate.eq(1)]
                         m.d.sync += load_phase.eq(0)
                         with m.If(frame == C - 1):
                             m.next = "FETCH0"
@@ -421,7 +449,7 @@ class Fabric(wiring.Component):
         idle_write = memory_write & ~running
 
         def node_address(lane_bit):
-            return Cat(lane_bit, tau_field, layer_field, Const(1, 1))
+            return scratch_address(2, Cat(lane_bit, tau_field, layer_field))
 
         m.d.comb += [weights.w_addr.eq(Cat(tau_field, layer_field)), weights.w_data.eq(self.bus.w_data[:wbits * D].replicate(L))]
         with m.If(idle_write & (region == Region.WEIGHTS)):
@@ -431,7 +459,8 @@ class Fabric(wiring.Component):
                          scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
                          scratch_wen.eq(1 << (lane_field >> 1))]
         with m.If(idle_write & (region == Region.SEEDS)):
-            m.d.comb += [rng.seed_en.eq(1), rng.seed_lane.eq(offset), rng.seed_state.eq(self.bus.w_data)]
+            m.d.comb += [scratch_addr.eq(scratch_address(1, offset[:SEED_STEPS.bit_length() - 1])),
+                         scratch_wdata[0].eq(self.bus.w_data[:16]), scratch_wen.eq(1)]
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(self.bus.w_data[:16])]
         with m.If(idle_write & (region == Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)

@@ -4,7 +4,7 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.formats import RNG_WORD_BITS
+from opentsu.formats import RNG_RESET_STATE, RNG_WORD_BITS
 
 __all__ = ["LaneRNG"]
 
@@ -21,15 +21,17 @@ class LaneRNG(wiring.Component):
     words : Out(ArrayLayout(32, lanes))
         Each lane's current output word ``s0``.
     advance : In(1)
-        Step every generator at the end of this cycle (a "draw").
-    seed_lane, seed_state, seed_en : In
-        When ``seed_en`` is high, lane ``seed_lane`` takes ``seed_state`` (bits 31..0 = s0, 63..32 = s1);
-        seeding wins over ``advance`` for that lane.
-    mix : In(stream.Signature(lanes))
-        Entropy bits (from the TRNG). While ``mix_enable`` is high and a word is pending, a draw XORs bit ℓ
-        of it into bit 0 of lane ℓ's s1 and consumes the word. One bit per lane per draw is plenty to
-        make the streams unpredictable and costs one LUT per lane. With ``mix_enable`` low the streams are
-        exactly the reproducible ones the emulator computes.
+        Step every generator at the end of this cycle (a draw).
+    inject : In(lanes)
+        On a draw, bit ℓ is XORed into bit 0 of lane ℓ's new ``s1``. Starting from ``reset``, 64 draws
+        with the bits of ``formats.seed_injection`` leave a lane in any state wanted: seeding needs no
+        64-bit load multiplexer.
+    reset : In(1)
+        Put every lane in ``formats.RNG_RESET_STATE`` (wins over ``advance``).
+    mix : In(stream.Signature(lanes)), mix_enable : In(1)
+        Entropy bits (from the TRNG), injected the same way: while ``mix_enable`` is high and a word is
+        pending, a draw also XORs bit ℓ into lane ℓ and consumes the word. With ``mix_enable`` low the
+        streams are exactly the reproducible ones the emulator computes.
     """
 
     def __init__(self, lanes: int):
@@ -39,9 +41,8 @@ class LaneRNG(wiring.Component):
         super().__init__({
             "words": Out(data.ArrayLayout(RNG_WORD_BITS, lanes)),
             "advance": In(1),
-            "seed_lane": In(range(max(2, lanes))),
-            "seed_state": In(64),
-            "seed_en": In(1),
+            "inject": In(lanes),
+            "reset": In(1),
             "mix": In(stream.Signature(lanes)),
             "mix_enable": In(1),
         })
@@ -55,15 +56,18 @@ class LaneRNG(wiring.Component):
         take_mix = Signal()
         m.d.comb += take_mix.eq(self.advance & self.mix_enable & self.mix.valid)
         m.d.comb += self.mix.ready.eq(self.advance & self.mix_enable)
+        entropy = Signal(self._lanes)
+        m.d.comb += entropy.eq(self.inject ^ Mux(take_mix, self.mix.payload, 0))
+        reset0, reset1 = RNG_RESET_STATE
         for lane in range(self._lanes):
-            s0 = Signal(32, name=f"s0_{lane}", init=1)
-            s1 = Signal(32, name=f"s1_{lane}")
+            s0 = Signal(32, name=f"s0_{lane}", init=reset0)
+            s1 = Signal(32, name=f"s1_{lane}", init=reset1)
             m.d.comb += self.words[lane].eq(s0)
             t = Signal(32, name=f"t_{lane}")
             m.d.comb += t.eq(s0 ^ s1)
-            with m.If(self.seed_en & (self.seed_lane == lane)):
-                m.d.sync += [s0.eq(self.seed_state[:32]), s1.eq(self.seed_state[32:])]
+            with m.If(self.reset):
+                m.d.sync += [s0.eq(reset0), s1.eq(reset1)]
             with m.Elif(self.advance):
                 m.d.sync += [s0.eq(_rotl(s0, 26) ^ t ^ (t << 9)[:32]),
-                             s1.eq(_rotl(t, 13) ^ (take_mix & self.mix.payload[lane]))]
+                             s1.eq(_rotl(t, 13) ^ entropy[lane])]
         return m

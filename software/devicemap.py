@@ -11,7 +11,8 @@ WEIGHTS    ``row(layer, τ) << lane_bits | lane``                  ``7·degree``
                                                                   bits [7d, 7d+7)
 PARAMS     ``row(layer, τ) << lane_bits | lane``                  16 bits: ``formats.node_words``
                                                                   (h + c in 7..0, h - c in 15..8)
-SEEDS      ``lane``                                               64 bits: s0 in 31..0, s1 in 63..32
+SEEDS      ``k`` (0..63)                                          16 bits: bit ℓ is lane ℓ's
+                                                                  seed-injection bit k (lanes <= 16)
 SEQUENCE   ``2·op + half`` (half 0 = bits 15..0 of the op word)   16 bits
 MOMENTS    see ``moment_counter``                                 16 bits (write clears)
 =========  =====================================================  ==============================
@@ -68,7 +69,8 @@ class Status(enum.IntFlag):
 
 
 class Flags(enum.IntFlag):
-    TRNG_MIX = 1 << 0        # mix TRNG words into the lane generators (not reproducible)
+    TRNG_MIX = 1 << 0        # mix TRNG bits into the lane generators (not reproducible)
+    KEEP_RNG = 1 << 1        # START continues the generators instead of seeding them from SEEDS
 
 
 def lane_bits(lanes: int) -> int:
@@ -101,10 +103,14 @@ def program_writes(program, layers=None) -> list[tuple[Region, int, int]]:
 
 
 def seed_writes(seed: int, chain: int, lanes: int) -> list[tuple[Region, int, int]]:
-    """Writes that seed every lane for global chain ``chain`` (``formats.lane_seed_states``)."""
-    from .formats import lane_seed_states
+    """Writes that make the next START seed every lane for global chain ``chain``
+    (``formats.lane_seed_states``), as seed-injection bits (``formats.seed_injection``), word k holding
+    bit k of every lane."""
+    from .formats import SEED_STEPS, lane_seed_states, seed_injection
     states = lane_seed_states(seed, [chain], lanes)[0]
-    return [(Region.SEEDS, lane, int(states[lane, 0]) | int(states[lane, 1]) << 32) for lane in range(lanes)]
+    bits = [seed_injection(int(states[lane, 0]), int(states[lane, 1])) for lane in range(lanes)]
+    return [(Region.SEEDS, k, sum(((bits[lane] >> k) & 1) << lane for lane in range(lanes)))
+            for k in range(SEED_STEPS)]
 
 
 def sequence_writes(ops) -> list[tuple[Region, int, int]]:
@@ -146,5 +152,5 @@ def split_address(addr: int) -> tuple[int, int]:
 
 def region_word_bits(region: Region, degree: int) -> int:
     """Width of one word of ``region`` on a fabric of the given degree."""
-    return {Region.REGS: 32, Region.WEIGHTS: WEIGHT.bits * degree, Region.PARAMS: 16, Region.SEEDS: 64,
+    return {Region.REGS: 32, Region.WEIGHTS: WEIGHT.bits * degree, Region.PARAMS: 16, Region.SEEDS: 16,
             Region.SEQUENCE: 16, Region.MOMENTS: 16}[region]

@@ -52,7 +52,7 @@ import numpy as np
 __all__ = [
     "UNIT_BITS", "UNIT", "FixedFormat", "WEIGHT", "BIAS", "COUPLING", "EFFECTIVE_BIAS", "CLAMP_PLUS",
     "CLAMP_MINUS", "field_bits", "node_words", "node_fields", "PBit", "PBIT", "xoroshiro64_step", "lane_seed_states", "splitmix64",
-    "RNG_WORD_BITS", "RNG_STATE_WORDS",
+    "RNG_WORD_BITS", "RNG_STATE_WORDS", "RNG_RESET_STATE", "SEED_STEPS", "seed_injection",
 ]
 
 #: Fractional bits of every weight, bias and field.
@@ -343,6 +343,73 @@ def xoroshiro64_step(s0, s1):
     n0 = _rotl32(s0, 26) ^ t ^ ((t << np.uint32(9)) & np.uint32(_MASK32))
     n1 = _rotl32(t, 13)
     return word, n0.astype(np.uint32), n1.astype(np.uint32)
+
+
+#: Generator state right after a reset: ``s0 = 1``, ``s1 = 0``.
+RNG_RESET_STATE = (1, 0)
+#: Draws a seed injection takes.
+SEED_STEPS = 64
+
+
+def _xoroshiro64_matrix() -> np.ndarray:
+    """The engine's state transition as a 64×64 matrix over GF(2) (state bits: s0 = 0..31, s1 = 32..63)."""
+    columns = []
+    for bit in range(64):
+        s0 = np.uint32(1 << bit) if bit < 32 else np.uint32(0)
+        s1 = np.uint32(1 << (bit - 32)) if bit >= 32 else np.uint32(0)
+        _, n0, n1 = xoroshiro64_step(s0, s1)
+        value = int(n0) | int(n1) << 32
+        columns.append([(value >> k) & 1 for k in range(64)])
+    return np.array(columns, dtype=np.uint8).T
+
+
+def _gf2_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``matrix @ x = rhs`` over GF(2) (square, full rank)."""
+    a = np.concatenate([matrix.copy() % 2, rhs.reshape(-1, 1) % 2], axis=1).astype(np.uint8)
+    n = a.shape[0]
+    for col in range(n):
+        pivot = col + int(np.argmax(a[col:, col]))
+        if not a[pivot, col]:
+            raise ValueError("singular system")
+        a[[col, pivot]] = a[[pivot, col]]
+        rows = np.flatnonzero(a[:, col])
+        rows = rows[rows != col]
+        a[rows] ^= a[col]
+    return a[:, -1].copy()
+
+
+_SEED_CACHE = {}
+
+
+def seed_injection(s0: int, s1: int) -> int:
+    """The 64 bits that, injected one per draw into bit 0 of ``s1`` starting from ``RNG_RESET_STATE``
+    (bit k on draw k: ``s <- step(s); s1 ^= bit``), leave the generator in state ``(s0, s1)``.
+
+    The fabric seeds its lanes this way, so a lane needs no 64-bit load multiplexer. Every state is
+    reachable because the engine's transition matrix has a primitive characteristic polynomial (full
+    period), which makes the injection point a cyclic vector.
+    """
+    if "inverse" not in _SEED_CACHE:
+        a = _xoroshiro64_matrix()
+        b = np.zeros(64, dtype=np.uint8)
+        b[32] = 1  # bit 0 of s1
+        # After 64 draws: s = A^64 s_reset + sum_k A^(63-k) b u_k.
+        krylov = np.zeros((64, 64), dtype=np.uint8)
+        v = b.copy()
+        for k in range(63, -1, -1):
+            krylov[:, k] = v
+            v = (a @ v) % 2
+        power = np.eye(64, dtype=np.uint8)
+        for _ in range(SEED_STEPS):
+            power = (a @ power) % 2
+        _SEED_CACHE["krylov"], _SEED_CACHE["power"] = krylov, power
+        _SEED_CACHE["inverse"] = True
+    krylov, power = _SEED_CACHE["krylov"], _SEED_CACHE["power"]
+    r0, r1 = RNG_RESET_STATE
+    reset = np.array([(r0 >> k) & 1 for k in range(32)] + [(r1 >> k) & 1 for k in range(32)], dtype=np.uint8)
+    target = np.array([(s0 >> k) & 1 for k in range(32)] + [(s1 >> k) & 1 for k in range(32)], dtype=np.uint8)
+    bits = _gf2_solve(krylov, (target + power @ reset) % 2)
+    return sum(int(bit) << k for k, bit in enumerate(bits))
 
 
 def splitmix64(x: int) -> int:

@@ -9,7 +9,7 @@ from opentsu.devicemap import Control, Reg, Region, Status, program_writes, sequ
 from opentsu.emulator import Emulator
 from opentsu.exact import moment_errors
 from opentsu.fabric import FabricConfig, FabricGeometry
-from opentsu.formats import PBIT, lane_seed_states, xoroshiro64_step
+from opentsu.formats import PBIT, SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.fabric import Fabric
 from opentsu.gateware.pbit import Threshold
 from opentsu.gateware.rng import LaneRNG
@@ -147,20 +147,22 @@ def test_bad_sequence_sets_a_flag_and_stops():
     assert len(got) == 0
 
 
-def test_lane_rng_is_the_software_stream():
+def test_lane_rng_seeds_by_injection_and_is_the_software_stream():
     lanes = 3
     dut = LaneRNG(lanes)
     states = lane_seed_states(42, [7], lanes)[0]
+    bits = [seed_injection(int(states[lane, 0]), int(states[lane, 1])) for lane in range(lanes)]
 
     async def bench(ctx):
-        for lane in range(lanes):
-            ctx.set(dut.seed_lane, lane)
-            ctx.set(dut.seed_state, int(states[lane, 0]) | int(states[lane, 1]) << 32)
-            ctx.set(dut.seed_en, 1)
-            await ctx.tick()
-        ctx.set(dut.seed_en, 0)
-        s0, s1 = states[:, 0].copy(), states[:, 1].copy()
+        ctx.set(dut.reset, 1)
+        await ctx.tick()
+        ctx.set(dut.reset, 0)
         ctx.set(dut.advance, 1)
+        for k in range(SEED_STEPS):
+            ctx.set(dut.inject, sum(((bits[lane] >> k) & 1) << lane for lane in range(lanes)))
+            await ctx.tick()
+        ctx.set(dut.inject, 0)
+        s0, s1 = states[:, 0].copy(), states[:, 1].copy()
         for step in range(600):
             word, s0, s1 = xoroshiro64_step(s0, s1)
             assert [ctx.get(dut.words[lane]) for lane in range(lanes)] == word.tolist(), step
