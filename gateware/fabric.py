@@ -208,6 +208,7 @@ class Fabric(wiring.Component):
         stop_request = Signal()
         start_pulse = Signal()
         stop_pulse = Signal()
+        m.d.sync += [start_pulse.eq(0), stop_pulse.eq(0)]
         flags = Signal(8)
         m.d.comb += rng.mix_enable.eq(flags[0])
         layer = Signal(layer_bits)
@@ -464,10 +465,11 @@ class Fabric(wiring.Component):
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(self.bus.w_data[:16])]
         with m.If(idle_write & (region == Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
+        # Control pulses are registered: the bus decode stays off the sequencer's paths.
         with m.If(self.bus.w_en & (region == Region.REGS)):
             with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
-                    m.d.comb += [start_pulse.eq(self.bus.w_data[_bit(Control.START)] & ~running),
+                    m.d.sync += [start_pulse.eq(self.bus.w_data[_bit(Control.START)] & ~running),
                                  stop_pulse.eq(self.bus.w_data[_bit(Control.STOP)])]
                 with m.Case(Reg.FLAGS):
                     m.d.sync += flags.eq(self.bus.w_data[:8])

@@ -52,6 +52,10 @@ def run_chains(program, ops, seed, chains=(0,), extra=None, name="fabric", max_c
                 await bus_write(ctx, dut, region, offset, value)
             await bus_write(ctx, dut, Region.REGS, Reg.CONTROL, Control.START)
             ctx.set(dut.samples.ready, 1)
+            for _ in range(4):  # START is registered: the run begins within a few cycles
+                if ctx.get(dut.running):
+                    break
+                await ctx.tick()
             words, cycles = [], 0
             while True:
                 _, _, valid, payload, running = await ctx.tick().sample(
