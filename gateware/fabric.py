@@ -27,8 +27,8 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Flags, Reg, Region, REGION_SHIFT, Status, lane_bits,
-                               tau_bits)
+from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Flags, Reg, Region, REGION_SHIFT, Status, bank_bits,
+                               lane_bits, tau_bits)
 from opentsu.fabric import FabricGeometry
 from opentsu.formats import SEED_STEPS, WEIGHT
 from opentsu.sequence import ARG_BITS, Opcode
@@ -142,7 +142,8 @@ class Fabric(wiring.Component):
     def scratch_layout(geometry: FabricGeometry) -> tuple[int, int]:
         """``(body bits, depth)`` of the scratch address ``Cat(body, area)`` with two area bits:
         area 0 holds the current biases (body τ), area 1 the seed-injection words (body k), area 2 every
-        layer's node words (body ``Cat(k, τ, layer)``, k choosing the lane of a bank's pair)."""
+        layer's node words (body ``Cat(k, τ, layer)``, k choosing the lane of a bank's pair), area 3 every
+        layer's clamp rows for RANDOMIZE (body ``Cat(τ, layer)``)."""
         layer_bits = max(1, (geometry.config.layers - 1).bit_length())
         body = max(1 + tau_bits(geometry.cycles) + layer_bits, (SEED_STEPS - 1).bit_length())
         return body, 1 << (body + 2)
@@ -160,7 +161,7 @@ class Fabric(wiring.Component):
         m = Module()
         g = self._g
         L, C, D, P = g.lanes, g.cycles, g.degree, g.latency
-        theta_stage = max(0, P - 2)                 # SpinSum reads θ in this stage
+        theta_stage = SpinSum.theta_stage_for(P)    # SpinSum reads θ in this stage
         lead = Threshold.LATENCY - theta_stage      # front → stage A, in steps
         depth = lead + P - 1
         wbits = WEIGHT.bits
@@ -171,7 +172,8 @@ class Fabric(wiring.Component):
         body_bits, _ = self.scratch_layout(g)
 
         def scratch_address(area, body):
-            return Cat(body, Const(0, body_bits - len(body)), Const(area, 2))
+            body = Cat(body, Const(0, body_bits - len(body))) if len(body) < body_bits else body[:body_bits]
+            return Cat(body, area if isinstance(area, Value) else Const(area, 2))
 
         # ---------------------------------------------------------------- blocks and memories
         m.submodules.torus = torus = SpinTorus(g)
@@ -240,15 +242,17 @@ class Fabric(wiring.Component):
         m.d.comb += [scratch.addr.eq(scratch_addr), scratch.r_en.eq(scratch_ren), scratch.w_en.eq(scratch_wen),
                      scratch.w_data.eq(scratch_wdata)]
         bias_at = Threshold.LATENCY - 1               # the threshold samples the bias at this delay
-        with m.If(running & step):
-            m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(scratch_address(0, taus[bias_at - 1]))]
+        with m.If(running & step):  # RANDOMIZE tokens read the layer's clamp row instead of its biases
+            rand = randomize[bias_at - 1]
+            m.d.comb += [scratch_ren.eq(1),
+                         scratch_addr.eq(scratch_address(Cat(rand, rand), Mux(rand, Cat(taus[bias_at - 1], layer),
+                                                                             taus[bias_at - 1])))]
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
             threshold = Threshold(D)
             m.submodules[f"threshold{lane}"] = threshold
             m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
-                         threshold.randomize.eq(randomize[bias_at]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
             sel_a, _ = station_rom(taus[lead], lane, "a")
             sel_c, idle_c = station_rom(taus[depth], lane, "c")
@@ -259,6 +263,10 @@ class Fabric(wiring.Component):
                          spin_sum.weights.eq(weights.r_data[lane * wbits * D:(lane + 1) * wbits * D]),
                          torus.write[lane].eq(step & valid[depth] & ~idle_c), torus.sel_w[lane].eq(sel_c),
                          torus.value[lane].eq(spin_sum.spin)]
+            if spin_sum.uses_borrow:
+                # The last negative spin leaves stage A and must meet θ's final stage (front + 3).
+                borrow = _delay_line(m, spin_sum.borrow, (Threshold.LATENCY - 1) - lead, step, f"borrow{lane}")[-1]
+                m.d.comb += threshold.borrow.eq(borrow)
 
         # ---------------------------------------------------------------- read passes
         here = Signal(L)
@@ -459,6 +467,12 @@ class Fabric(wiring.Component):
             m.d.comb += [scratch_addr.eq(node_address(lane_field[0])),
                          scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
                          scratch_wen.eq(1 << (lane_field >> 1))]
+        bbits = bank_bits(L)
+        with m.If(idle_write & (region == Region.CLAMPS)):
+            m.d.comb += [scratch_addr.eq(scratch_address(3, Cat(offset[bbits:bbits + tbits],
+                                                                 offset[bbits + tbits:bbits + tbits + layer_bits]))),
+                         scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
+                         scratch_wen.eq(1 << offset[:bbits])]
         with m.If(idle_write & (region == Region.SEEDS)):
             m.d.comb += [scratch_addr.eq(scratch_address(1, offset[:SEED_STEPS.bit_length() - 1])),
                          scratch_wdata[0].eq(self.bus.w_data[:16]), scratch_wen.eq(1)]

@@ -8,7 +8,7 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.formats import CLAMP_MINUS, CLAMP_PLUS, EFFECTIVE_BIAS, PBIT, WEIGHT, field_bits
+from opentsu.formats import EFFECTIVE_BIAS, PBIT, WEIGHT, field_bits
 
 __all__ = ["Threshold", "SpinSum", "theta_bits"]
 
@@ -22,17 +22,21 @@ class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
     Timing, counted in enabled cycles (``en`` high): ``word`` is sampled at the end of step t, ``bias``
-    (and ``randomize``) at the end of step t + ``LATENCY`` - 1, and ``theta`` holds the result during
-    step t + ``LATENCY``. Each stage holds at most one carry chain. With ``en`` low every stage holds.
+    and ``borrow`` at the end of step t + ``LATENCY`` - 1, and ``theta = Z - bias - borrow`` holds the
+    result during step t + ``LATENCY``. Each stage holds at most one carry chain; the borrow is the carry
+    of the last one, so it is free. With ``en`` low every stage holds.
+
+    Clamps need no logic here: a clamped node has a zero weight row and the bias code ±127, which puts θ
+    below -79 or above 80 while its neighbour sum is 0. The zero-field sweep (RANDOMIZE) reads a bias
+    row of 0 and ±127 that LOAD writes beside the conditioned one.
 
     Ports
     -----
     en : In(1)            advance the pipeline
     word : In(32)         the lane's random word
-    bias : In(8)          effective bias code (two's complement; ±127 are clamp codes)
-    randomize : In(1)     treat the bias as zero unless it is a clamp code (zero-field sweep)
-    theta : Out(signed)   ``theta_bits(degree)`` wide; the clamp codes give the most negative value
-                          (always +1) and the most positive one (always -1)
+    bias : In(8)          effective bias code (two's complement)
+    borrow : In(1)        subtracted too: the spin path's last negative spin (see ``SpinSum``)
+    theta : Out(signed)   ``theta_bits(degree)`` wide
     """
 
     LATENCY = 4
@@ -44,7 +48,7 @@ class Threshold(wiring.Component):
             "en": In(1, init=1),
             "word": In(32),
             "bias": In(EFFECTIVE_BIAS.bits),
-            "randomize": In(1),
+            "borrow": In(1),
             "theta": Out(signed(self._bits)),
         })
 
@@ -99,18 +103,10 @@ class Threshold(wiring.Component):
         with m.If(self.en):
             m.d.sync += z3.eq(Mux(fold2, base2 + count, base2 - count))
 
-        # Stage 4: θ = Z - b; clamp codes override.
+        # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
         bias = self.bias.as_signed()
-        lowest, highest = -(1 << (self._bits - 1)), (1 << (self._bits - 1)) - 1
         with m.If(self.en):
-            with m.If(bias == CLAMP_PLUS):
-                m.d.sync += self.theta.eq(lowest)
-            with m.Elif(bias == CLAMP_MINUS):
-                m.d.sync += self.theta.eq(highest)
-            with m.Elif(self.randomize):
-                m.d.sync += self.theta.eq(z3)
-            with m.Else():
-                m.d.sync += self.theta.eq(z3 - bias)
+            m.d.sync += self.theta.eq(z3 + ~bias + ~self.borrow)
         return m
 
 
@@ -120,9 +116,13 @@ class SpinSum(wiring.Component):
     ``spins`` (bit d = 1 for s_d = +1) and ``weights`` (weight d in bits [7d, 7d+7)) are sampled in stage
     0 ("A"); ``theta`` is read in stage ``theta_stage`` and ``spin`` gives the result in the last stage
     (combinationally, for the write-back at the end of that step). ``±w`` is ``w ^ mask`` plus one for
-    each negative spin (STYLE.md: the mux form costs 35% more logic); that count is taken off θ one stage
-    before the end, so the last stage is a single comparison. With ``zero`` high in stage A the neighbour
-    sum is forced to 0. Stages advance on ``en``.
+    each negative spin (STYLE.md: the mux form costs 35% more logic).
+
+    With ``latency >= 3`` those ones cost nothing: each adder of the tree takes one as its carry-in and the
+    last one leaves on ``borrow`` (in stage A) for ``Threshold`` to subtract from θ. With a shorter
+    pipeline θ comes too late for that, and the count is subtracted in the stage before the comparison
+    (or in the comparison itself). With ``zero`` high in stage A the neighbour sum is forced to 0.
+    Stages advance on ``en``.
     """
 
     def __init__(self, degree: int, latency: int):
@@ -135,13 +135,27 @@ class SpinSum(wiring.Component):
             "weights": In(WEIGHT.bits * degree),
             "zero": In(1),
             "theta": In(signed(theta_bits(degree))),
+            "borrow": Out(1),
             "spin": Out(1),
         })
 
+    @staticmethod
+    def borrows(latency: int) -> bool:
+        """Whether θ must arrive with ``borrow`` already subtracted (``latency >= 3``)."""
+        return latency >= 3
+
+    @staticmethod
+    def theta_stage_for(latency: int) -> int:
+        """Stage (0 = A) in which ``theta`` is read: the last one with the borrow, else the one before."""
+        return latency - 1 if SpinSum.borrows(latency) else max(0, latency - 2)
+
     @property
     def theta_stage(self) -> int:
-        """Stage (0 = A) in which ``theta`` is read."""
-        return max(0, self._latency - 2)
+        return self.theta_stage_for(self._latency)
+
+    @property
+    def uses_borrow(self) -> bool:
+        return self.borrows(self._latency)
 
     def elaborate(self, platform):
         m = Module()
@@ -149,15 +163,45 @@ class SpinSum(wiring.Component):
         sum_w = field_bits(D) + 1
         values, negatives = [], []
         for d in range(D):
-            neg = ~self.spins[d] & ~self.zero
+            neg = Signal(name=f"neg{d}")
+            m.d.comb += neg.eq(~self.spins[d] & ~self.zero)
             term = Signal(signed(wbits), name=f"term{d}")
             weight = self.weights[d * wbits:(d + 1) * wbits].as_signed()
             m.d.comb += term.eq(Mux(self.zero, 0, weight ^ neg.replicate(wbits).as_signed()))
             values.append(term)
             negatives.append(neg)
-        count = sum(negatives)
         levels = max(1, (D - 1).bit_length())
         cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
+        if self.uses_borrow:
+            # Negative spins ride as carry-ins: one per adder, the last one out on `borrow`.
+            m.d.comb += self.borrow.eq(negatives[-1])
+            pending = negatives[:-1]
+            level = 0
+            for stage in range(P):
+                last_level = cuts[stage] if stage < P - 1 else levels
+                while level < last_level:
+                    merged = []
+                    for i in range(0, len(values), 2):
+                        if i + 1 < len(values):
+                            carry = pending.pop(0) if pending else Const(0, 1)
+                            merged.append(values[i] + values[i + 1] + carry)
+                        else:
+                            merged.append(values[i])
+                    values = merged
+                    level += 1
+                if stage == P - 1:
+                    break
+                regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
+                held = [Signal(name=f"neg{stage}_{k}") for k in range(len(pending))]
+                with m.If(self.en):
+                    m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
+                    m.d.sync += [h.eq(p) for h, p in zip(held, pending)]
+                values, pending = regs, held
+            assert not pending, "every negative spin must find a carry-in"
+            m.d.comb += self.spin.eq(values[0] >= self.theta)
+            return m
+
+        count = sum(negatives)
         threshold = None
         level = 0
         for stage in range(P):

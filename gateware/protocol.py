@@ -10,7 +10,7 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.devicemap import REGION_SHIFT, Control, Reg, Region, lane_bits, tau_bits, SEQUENCE_DEPTH
+from opentsu.devicemap import REGION_SHIFT, Control, Reg, Region, bank_bits, lane_bits, tau_bits, SEQUENCE_DEPTH
 from opentsu.formats import SEED_STEPS
 from opentsu.protocol import (MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, SYNC, TIMEOUT_BIT_TIMES, Command, Flags,
                               Identity, Result, StatusReport, word_bytes)
@@ -81,6 +81,8 @@ class CommandEngine(wiring.Component):
             Region.WEIGHTS: (word_bytes(Region.WEIGHTS, ident.degree), rows, True, False),
             Region.PARAMS: (word_bytes(Region.PARAMS, ident.degree), rows, True, True),
             Region.SEEDS: (word_bytes(Region.SEEDS, ident.degree), SEED_STEPS, True, False),
+            Region.CLAMPS: (word_bytes(Region.CLAMPS, ident.degree), 1 << (bank_bits(ident.lanes) + tb + layer_bits),
+                            True, False),
             Region.SEQUENCE: (word_bytes(Region.SEQUENCE, ident.degree), 2 * SEQUENCE_DEPTH, True, True),
             Region.REGS: (4, len(Reg), False, True),
         }

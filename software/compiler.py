@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .fabric import PRESETS, FabricConfig, FabricGeometry, VirtualGeometry, DEFAULT_LATENCY
-from .formats import BIAS, COUPLING, WEIGHT, node_fields, node_words
+from .formats import BIAS, CLAMP_MINUS, CLAMP_PLUS, COUPLING, EFFECTIVE_BIAS, WEIGHT, node_fields, node_words
 from .model import IsingModel, ModelError
 from .topology import Grid, SparseGraph, TopologyError, canonical_jump, opposite
 
@@ -66,7 +66,10 @@ class FloatLayer:
 
 @dataclass(eq=False)
 class LayerCodes:
-    """A quantised layer in fabric node order: integer codes in 1/8 units (see ``opentsu.formats``)."""
+    """A quantised layer in fabric node order: integer codes in 1/8 units (see ``opentsu.formats``).
+
+    A clamped node has a zero weight row, zero ``bias`` and ``coupling``; its neighbours keep the
+    couplings to it in their own rows."""
 
     weights: np.ndarray   # (n, degree) int16
     bias: np.ndarray      # (n,) int16, the h codes
@@ -135,6 +138,18 @@ class Program:
         lay = self.layers[layer]
         words = node_words(lay.bias, lay.coupling, lay.clamp).astype(np.uint64)
         return _by_schedule(self.geometry.schedule, words).astype(np.uint16)
+
+    def clamp_image(self, layer: int) -> np.ndarray:
+        """(banks, cycles) uint16: the bias the zero-field sweep (RANDOMIZE) reads, two lanes per word:
+        lane 2·bank in bits 7..0, lane 2·bank+1 in bits 15..8; 0 for a free node, its clamp code for a
+        clamped one (so the sweep keeps clamps while every free node gets probability 1/2)."""
+        lay = self.layers[layer]
+        code = np.where(lay.clamp == 1, CLAMP_PLUS, np.where(lay.clamp == -1, CLAMP_MINUS, 0))
+        per_lane = _by_schedule(self.geometry.schedule, EFFECTIVE_BIAS.to_unsigned(code).astype(np.uint64))
+        lanes = per_lane.shape[0]
+        if lanes % 2:
+            per_lane = np.concatenate([per_lane, np.zeros((1, per_lane.shape[1]), dtype=per_lane.dtype)])
+        return (per_lane[0::2] | per_lane[1::2] << np.uint64(8)).astype(np.uint16)
 
     # -- binary image
     def to_bytes(self) -> bytes:
@@ -258,9 +273,13 @@ def _decode_layer(geometry: FabricGeometry, words: np.ndarray, node_words: np.nd
     for name, codes, fmt in (("weight", weights, WEIGHT), ("bias", bias, BIAS), ("coupling", coupling, COUPLING)):
         if np.any(codes < fmt.min_code) or np.any(codes > fmt.max_code):
             raise ImageError(f"a {name} code lies outside [{fmt.min_code}, {fmt.max_code}]")
+    if np.any(weights[clamp != 0]):
+        raise ImageError("a clamped node's weight row is not zero")
     nbr = geometry.neighbours
     for d in range(degree):
-        if not np.array_equal(weights[:, d], weights[nbr[:, d], opposite(d)]):
+        # J_ij = J_ji, read from whichever end is free (a clamped node's row is zero).
+        both_free = (clamp == 0) & (clamp[nbr[:, d]] == 0)
+        if not np.array_equal(weights[both_free, d], weights[nbr[both_free, d], opposite(d)]):
             raise ImageError("image weights are not symmetric (J_ij != J_ji)")
     return LayerCodes(weights, bias, coupling, clamp)
 
@@ -400,9 +419,11 @@ def compile_layers(topology: Grid | SparseGraph, layers: list[FloatLayer], fabri
         c_codes, c_sat = COUPLING.quantize(beta * c_full)
         clamp = np.ones(n, dtype=np.int8)  # padding nodes sit at +1 and couple to nothing
         clamp[node_map] = np.asarray(layer.clamp, dtype=np.int8)
-        # A clamp overrides bias and conditioning; zero them so every layer has one encoding.
+        # A clamp overrides bias, conditioning and the node's own neighbour sum: zero them, so every
+        # layer has one encoding and the fabric's clamp is simply a zero row with a ±127 bias code.
         b_codes = np.where(clamp != 0, 0, b_codes).astype(np.int16)
         c_codes = np.where(clamp != 0, 0, c_codes).astype(np.int16)
+        w_codes = np.where((clamp != 0)[:, None], 0, w_codes).astype(np.int16)
         codes.append(LayerCodes(w_codes, b_codes, c_codes, clamp))
 
         w_err = np.abs(scaled_w - WEIGHT.to_float(w_codes))

@@ -14,7 +14,10 @@ PARAMS     ``row(layer, τ) << lane_bits | lane``                  16 bits: ``fo
 SEEDS      ``k`` (0..63)                                          16 bits: bit ℓ is lane ℓ's
                                                                   seed-injection bit k (lanes <= 16)
 SEQUENCE   ``2·op + half`` (half 0 = bits 15..0 of the op word)   16 bits
-MOMENTS    see ``moment_counter``                                 16 bits (write clears)
+CLAMPS     ``row(layer, τ) << bank_bits | bank`` (bank = lane/2)  16 bits: the bias RANDOMIZE uses
+                                                                  for lanes 2·bank (7..0) and
+                                                                  2·bank+1 (15..8): 0, or the clamp
+                                                                  code ±127 of a clamped node
 =========  =====================================================  ==============================
 
 with ``row(layer, τ) = layer << tau_bits | τ`` (bit fields, so the gateware decodes them without adders).
@@ -27,7 +30,7 @@ import enum
 
 from .formats import WEIGHT
 
-__all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "tau_bits", "row", "program_writes", "seed_writes",
+__all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "bank_bits", "tau_bits", "row", "program_writes", "seed_writes",
            "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS", "address", "split_address",
            "region_word_bits", "SEQUENCE_DEPTH"]
 
@@ -45,6 +48,7 @@ class Region(enum.IntEnum):
     SEEDS = 3
     SEQUENCE = 4
     MOMENTS = 5
+    CLAMPS = 6
 
 
 class Reg(enum.IntEnum):
@@ -78,6 +82,11 @@ def lane_bits(lanes: int) -> int:
     return max(1, (lanes - 1).bit_length())
 
 
+def bank_bits(lanes: int) -> int:
+    """Bits of the bank field of CLAMPS offsets (two lanes per bank)."""
+    return max(1, ((lanes + 1) // 2 - 1).bit_length())
+
+
 def tau_bits(cycles: int) -> int:
     """Bits of the τ field of a row."""
     return max(1, (cycles - 1).bit_length())
@@ -94,11 +103,15 @@ def program_writes(program, layers=None) -> list[tuple[Region, int, int]]:
     writes = []
     for layer in range(len(program.layers)) if layers is None else layers:
         weights, nodes = program.weight_image(layer), program.node_image(layer)
+        clamps = program.clamp_image(layer)
         for tau in range(g.cycles):
             for lane in range(g.lanes):
                 offset = row(layer, tau, g.cycles) << bits | lane
                 writes.append((Region.WEIGHTS, offset, int(weights[lane, tau])))
                 writes.append((Region.PARAMS, offset, int(nodes[lane, tau])))
+            for bank in range(clamps.shape[0]):
+                writes.append((Region.CLAMPS, row(layer, tau, g.cycles) << bank_bits(g.lanes) | bank,
+                               int(clamps[bank, tau])))
     return writes
 
 
@@ -153,4 +166,4 @@ def split_address(addr: int) -> tuple[int, int]:
 def region_word_bits(region: Region, degree: int) -> int:
     """Width of one word of ``region`` on a fabric of the given degree."""
     return {Region.REGS: 32, Region.WEIGHTS: WEIGHT.bits * degree, Region.PARAMS: 16, Region.SEEDS: 16,
-            Region.SEQUENCE: 16, Region.MOMENTS: 16}[region]
+            Region.SEQUENCE: 16, Region.MOMENTS: 16, Region.CLAMPS: 16}[region]

@@ -180,27 +180,20 @@ def test_threshold_unit_is_the_pbit_rule():
     words = rng.integers(0, 1 << 32, size=3000, dtype=np.uint64)
     words[:16] = [0, 1 << 31, 0x7FFFFFFF, 0xFFFFFFFF] + [1 << k for k in range(16, 28)]
     biases = rng.integers(-127, 128, size=len(words))
-    randomize = rng.random(len(words)) < 0.2
+    borrows = rng.integers(0, 2, size=len(words))
     z = PBIT.threshold(words)
-    lowest, highest = -(1 << 10), (1 << 10) - 1
-
-    def want(k):
-        if biases[k] == 127:
-            return lowest
-        if biases[k] == -127:
-            return highest
-        return int(z[k]) - (0 if randomize[k] else int(biases[k]))
 
     async def bench(ctx):
+        late = Threshold.LATENCY - 1  # the bias and the borrow are sampled this many steps after the word
         for k in range(len(words) + Threshold.LATENCY):
             if k < len(words):
                 ctx.set(dut.word, int(words[k]))
-            late = Threshold.LATENCY - 1  # the bias and the randomize flag are sampled this many steps later
             if late <= k < len(words) + late:
                 ctx.set(dut.bias, int(biases[k - late]) & 0xFF)
-                ctx.set(dut.randomize, bool(randomize[k - late]))
+                ctx.set(dut.borrow, int(borrows[k - late]))
             if k >= Threshold.LATENCY:
-                assert ctx.get(dut.theta) == want(k - Threshold.LATENCY), k
+                j = k - Threshold.LATENCY
+                assert ctx.get(dut.theta) == int(z[j]) - int(biases[j]) - int(borrows[j]), j
             await ctx.tick()
 
     sim = Simulator(dut)
