@@ -13,19 +13,32 @@ from amaranth.lib.wiring import In, Out
 from opentsu.devicemap import REGION_SHIFT, Control, Reg, Region, bank_bits, lane_bits, tau_bits, SEQUENCE_DEPTH
 from opentsu.formats import SEED_STEPS
 from opentsu.protocol import (MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, SYNC, TIMEOUT_BIT_TIMES, Command, Flags,
-                              Identity, Result, StatusReport, word_bytes)
+                              Identity, Result, StatusReport, crc16, word_bytes)
 
 from .fabric import BusSignature
 
 __all__ = ["CommandEngine", "crc16_update"]
 
 
+def _crc16_taps():
+    """For each bit of the updated CRC, the bits of ``Cat(crc, byte)`` it is the XOR of.
+
+    One CRC step is linear over GF(2) in the old CRC and the byte together, so the columns of its
+    matrix are the reference ``protocol.crc16`` applied to each unit vector.
+    """
+    columns = [crc16(bytes([1 << k >> 16]), 1 << k & 0xFFFF) for k in range(24)]
+    return [[k for k in range(24) if columns[k] >> j & 1] for j in range(16)]
+
+
+_CRC16_TAPS = _crc16_taps()
+
+
 def crc16_update(crc, byte):
-    """CRC-16/CCITT-FALSE after one more byte, as logic (``protocol.crc16`` is the reference)."""
-    value = crc ^ Cat(Const(0, 8), byte)
-    for _ in range(8):
-        value = Mux(value[15], Cat(Const(0, 1), value[:15]) ^ 0x1021, Cat(Const(0, 1), value[:15]))
-    return value[:16]
+    """CRC-16/CCITT-FALSE after one more byte, as logic: one XOR per output bit, derived from
+    ``protocol.crc16`` (the reference). A flat XOR matrix rather than eight chained shift steps keeps both
+    the netlist and the simulator's compiled expression small."""
+    inputs = Cat(crc[:16], byte[:8])
+    return Cat(*(Cat(*(inputs[k] for k in taps)).xor() for taps in _CRC16_TAPS))
 
 
 class CommandEngine(wiring.Component):
@@ -232,6 +245,13 @@ class CommandEngine(wiring.Component):
             return known, wbytes, words, writable, readable
 
         known, wbytes, words, writable, readable = region_info(x_region)
+
+        # The last request executed: a START that repeats its sequence number is the host resending a
+        # request whose response it lost, and must not start the fabric a second time.
+        last_seq, last_code, last_valid = Signal(8), Signal(8), Signal()
+        resent_start = Signal()
+        m.d.comb += resent_start.eq(last_valid & (x_code == Command.START) & (last_code == Command.START) &
+                                    (last_seq == x_seq))
         flags_byte = Cat(self.running, self.trng_alarm, self.fabric_error, link_error)
 
         tx_crc_next = Signal(16)
@@ -277,7 +297,7 @@ class CommandEngine(wiring.Component):
                     with m.Case(Command.IDENTIFY, Command.STOP, Command.STATUS, Command.RESET):
                         m.d.comb += bad_length.eq(x_length != 0)
                     with m.Case(Command.START):
-                        m.d.comb += [bad_length.eq(x_length != 1), busy.eq(self.running)]
+                        m.d.comb += [bad_length.eq(x_length != 1), busy.eq(self.running & ~resent_start)]
                     with m.Case(Command.SAMPLES):
                         m.d.comb += bad_length.eq(x_length != 2)
                     with m.Case(Command.WRITE):
@@ -289,7 +309,7 @@ class CommandEngine(wiring.Component):
                                 for n in range(1, (MAX_REQUEST_PAYLOAD - 4) // b + 1):
                                     with m.Case((4 + n * b) | b << 4):
                                         m.d.comb += [fits.eq(1), n_words.eq(n)]
-                        m.d.comb += bad_length.eq(~fits)
+                        m.d.comb += bad_length.eq(known & ~fits)   # an unknown region is a bad argument
                         m.d.comb += [bad_argument.eq(~known | ~writable | (x_offset + n_words > words)),
                                      busy.eq(self.running & (x_region != Region.REGS))]
                         m.d.sync += count.eq(n_words)
@@ -318,6 +338,7 @@ class CommandEngine(wiring.Component):
                     m.next = "EXECUTE"
 
             with m.State("EXECUTE"):
+                m.d.sync += [last_seq.eq(x_seq), last_code.eq(x_code), last_valid.eq(1)]
                 with m.Switch(x_code):
                     with m.Case(Command.IDENTIFY):
                         m.d.sync += payload_len.eq(1 + len(identity))
@@ -328,10 +349,14 @@ class CommandEngine(wiring.Component):
                         m.d.sync += payload_len.eq(1 + count * wb)
                         m.next = "RESP_SYNC0"
                     with m.Case(Command.START):
-                        m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.FLAGS),
-                                     self.bus.w_data.eq(buffer[0]), self.bus.w_en.eq(1)]
-                        m.d.sync += samples_sent.eq(0)
-                        m.next = "START"
+                        with m.If(resent_start):
+                            m.d.sync += payload_len.eq(1)
+                            m.next = "RESP_SYNC0"
+                        with m.Else():
+                            m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.FLAGS),
+                                         self.bus.w_data.eq(buffer[0]), self.bus.w_en.eq(1)]
+                            m.d.sync += samples_sent.eq(0)
+                            m.next = "START"
                     with m.Case(Command.STOP, Command.RESET):
                         m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.CONTROL),
                                      self.bus.w_data.eq(Control.STOP), self.bus.w_en.eq(1)]
@@ -501,6 +526,5 @@ class CommandEngine(wiring.Component):
             with m.State("RESP_CRC1"):
                 m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(tx_crc[8:])]
                 with m.If(self.tx.ready):
-                    m.d.sync += frame_done.eq(0)
                     m.next = "WAIT"
         return m
