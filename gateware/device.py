@@ -15,6 +15,7 @@ from opentsu.protocol import PROTOCOL_VERSION, Identity
 from .fabric import Fabric
 from .fifo import StreamFIFO
 from .protocol import CommandEngine
+from .trng import TRNG
 from .uart import UARTRx, UARTTx
 
 __all__ = ["Device", "identity_of"]
@@ -40,25 +41,31 @@ class Device(wiring.Component):
     target : str          memory primitives (``Fabric.TARGETS``)
     fifo_depth : int      capture words buffered for SAMPLES
 
+    trng : bool           include the ring-oscillator TRNG (its bits reach the lanes only while the run
+                          flag ``TRNG_MIX`` is set; in simulation it is the TRNG's oscillator model)
+
     Ports
     -----
     rx : In(1), tx : Out(1)     UART pins (idle high, 8N1)
     running, error : Out(1)     for LEDs: a sequence runs; a sticky fabric or link error is set
+    trng_alarm : Out(1)         for a LED: the TRNG's health tests failed (sticky until RESET)
     """
 
     rx: In(1, init=1)
     tx: Out(1, init=1)
     running: Out(1)
     error: Out(1)
+    trng_alarm: Out(1)
 
     def __init__(self, geometry: FabricGeometry, *, clock_hz: int, divisor: int, target: str = "generic",
-                 fifo_depth: int = 256):
+                 fifo_depth: int = 256, trng: bool = True):
         self._g = geometry
         self._clock_hz = clock_hz
         self._divisor = divisor
         self._target = target
         self._fifo_depth = fifo_depth
-        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=False)
+        self._trng = trng
+        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng)
         super().__init__()
 
     @property
@@ -86,4 +93,10 @@ class Device(wiring.Component):
         m.d.comb += [engine.samples_level.eq(fifo.level), fifo.flush.eq(engine.samples_flush),
                      engine.running.eq(fabric.running), engine.fabric_error.eq(fabric.error)]
         m.d.comb += [self.running.eq(fabric.running), self.error.eq(fabric.error | engine.link_error)]
+        if self._trng:
+            m.submodules.trng = trng = TRNG(g.lanes)
+            wiring.connect(m, trng.o, fabric.mix)
+            m.d.comb += [engine.trng_alarm.eq(trng.alarm), self.trng_alarm.eq(trng.alarm),
+                         engine.trng_failures.eq(Mux(trng.failures > 255, 255, trng.failures)),
+                         trng.clear.eq(engine.samples_flush)]
         return m
