@@ -1,18 +1,33 @@
-"""Byte transports to a device, and request/response exchange over them.
+"""Byte transports to a device, request/response exchange over them, and the device API.
 
 A ``Transport`` moves bytes: ``SerialTransport`` over pyserial to a real board, ``SimTransport`` into the
 Amaranth simulation of the whole device through its UART pins, bit by bit. ``Link`` sends request frames
-(``opentsu.protocol``) and collects the responses, with timeouts, retries and resynchronisation.
+(``opentsu.protocol``) and collects the responses, with timeouts, retries and resynchronisation. ``Device``
+is the API on top (identify, load a program, run a sequence, read samples); one driver serves every
+transport.
+
+Failures surface as exceptions with a one-line message:
+
+* ``LinkError``: no usable answer (a missing or silent port, garbage only, a lost sample word, a run that
+  does not finish in time);
+* ``DeviceRejected``: the device answered with an error ``Result`` (e.g. ``BUSY``);
+* ``ProgramMismatch``: the program was compiled for a different fabric than the device's.
 """
 
 from __future__ import annotations
 
 import collections
+import struct
 import time
 
-from .protocol import Command, FrameDecoder, Result, encode_frame
+from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, Command, Flags,
+                       FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame, word_bytes)
 
-__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "LinkError", "DeviceRejected"]
+__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected",
+           "ProgramMismatch", "FORMATS_REVISION"]
+
+#: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
+FORMATS_REVISION = 1
 
 
 class LinkError(Exception):
@@ -27,11 +42,20 @@ class DeviceRejected(Exception):
         super().__init__(f"device rejected {Command(command).name}: {result.name}")
 
 
+class ProgramMismatch(Exception):
+    """The program targets a fabric other than the device's."""
+
+
+# ------------------------------------------------------------------------------------------------- transports
+
 class Transport:
     """Bytes to and from a device.
 
-    ``read_some(timeout)`` returns every byte that has arrived, waiting up to ``timeout`` seconds for the
-    first one (empty on timeout). ``now()`` is the clock those timeouts are measured on.
+    ``write(data)`` queues bytes for the device. ``read_some(timeout)`` returns every byte that has arrived,
+    waiting up to ``timeout`` seconds for the first one (empty on timeout). ``now()`` is the clock those
+    timeouts are measured on, and ``idle(seconds)`` lets that much of it pass with no traffic. For a real
+    device both are wall-clock time; a simulated device counts its own clock cycles instead, so a timeout
+    lasts as long as it would on a board however slowly the simulation runs.
     """
 
     def write(self, data: bytes) -> None:
@@ -42,6 +66,9 @@ class Transport:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def idle(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
 
     def close(self) -> None:
         pass
@@ -54,15 +81,26 @@ class Transport:
 
 
 class SerialTransport(Transport):
-    """A serial port through pyserial. Opening a missing or busy port raises ``LinkError`` at once."""
+    """A serial port through pyserial, 8N1 at ``baud``.
+
+    Opening a missing or busy port raises ``LinkError`` at once; so does a port that fails while in use.
+    The port is opened for exclusive use.
+    """
+
+    POLL = 0.01   # seconds one blocking read may take; read_some loops on it up to its own timeout
 
     def __init__(self, port: str, baud: int = 3_000_000):
         import serial
-        try:
-            self._serial = serial.Serial(port, baud, timeout=0, write_timeout=2.0)
-        except (serial.SerialException, OSError, ValueError) as exc:
-            raise LinkError(f"cannot open serial port {port}: {exc}") from None
         self.port = port
+        try:
+            self._serial = serial.Serial(port, baud, timeout=self.POLL, write_timeout=2.0, exclusive=True)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            import os
+            errno = getattr(exc, "errno", None)
+            reason = os.strerror(errno) if isinstance(errno, int) else str(exc)
+            if "lock" in str(exc).lower():
+                reason = "it is in use by another program"
+            raise LinkError(f"cannot open serial port {port}: {reason}") from None
 
     def write(self, data: bytes) -> None:
         import serial
@@ -73,12 +111,14 @@ class SerialTransport(Transport):
 
     def read_some(self, timeout: float) -> bytes:
         import serial
+        deadline = time.monotonic() + max(0.0, timeout)
         try:
-            self._serial.timeout = max(0.0, timeout)
-            first = self._serial.read(1)
-            if not first:
-                return b""
-            return first + self._serial.read(self._serial.in_waiting)
+            while True:
+                data = self._serial.read(max(1, self._serial.in_waiting))
+                if data:
+                    return data + self._serial.read(self._serial.in_waiting)
+                if time.monotonic() >= deadline:
+                    return b""
         except (serial.SerialException, OSError) as exc:
             raise LinkError(f"reading from {self.port} failed: {exc}") from None
 
@@ -88,9 +128,12 @@ class SerialTransport(Transport):
 
 class SimTransport(Transport):
     """The Amaranth simulation of a ``gateware.device.Device`` (or anything with ``rx``/``tx`` pins),
-    driven at bit level: every byte written becomes a start bit, eight data bits and a stop bit on ``rx``;
-    ``tx`` is decoded the same way. Time is *device* time: ``now()`` is simulated cycles over ``clock_hz``,
-    so a host timeout lasts as long as it would on a real board.
+    driven at bit level: every byte written becomes a start bit, eight data bits and a stop bit on ``rx``,
+    ``divisor`` clock cycles each; ``tx`` is decoded the same way, sampling mid-bit. Time is *device* time:
+    ``now()`` is simulated cycles over ``clock_hz``.
+
+    The line driver and listener wake once per bit rather than once per clock (they wait with ``delay``
+    a quarter period off the clock edges), so most of the simulation time goes to the design itself.
     """
 
     PERIOD = 1e-8   # simulated seconds per clock; only the cycle count matters
@@ -113,29 +156,35 @@ class SimTransport(Transport):
             self._vcd = sim.write_vcd(vcd)
             self._vcd.__enter__()
 
+    # Both testbenches use only plain awaits (no ``.repeat()``/``.until()``), so abandoning them when the
+    # simulation is dropped leaves no async generator to close.
     async def _drive(self, ctx):
-        rx, d = self._device.rx, self._divisor
+        rx, bit_time = self._device.rx, self._divisor * self.PERIOD
         ctx.set(rx, 1)
+        await ctx.tick()
+        await ctx.delay(self.PERIOD / 4)
         while True:
             if not self._to_device:
-                await ctx.tick()
+                await ctx.delay(bit_time)
                 continue
             byte = self._to_device.popleft()
             for bit in [0] + [(byte >> k) & 1 for k in range(8)] + [1]:
                 ctx.set(rx, bit)
-                await ctx.tick().repeat(d)
+                await ctx.delay(bit_time)
 
     async def _listen(self, ctx):
         tx, d = self._device.tx, self._divisor
         while True:
-            while ctx.get(tx):
-                await ctx.tick()
-            await ctx.tick().repeat(d // 2)        # middle of the start bit
+            if ctx.get(tx):
+                await ctx.negedge(tx)           # just after the clock edge that starts the start bit
+            await ctx.delay((d // 2 + 0.25) * self.PERIOD)
+            if ctx.get(tx):                     # a glitch, not a start bit
+                continue
             byte = 0
             for k in range(8):
-                await ctx.tick().repeat(d)
+                await ctx.delay(d * self.PERIOD)
                 byte |= ctx.get(tx) << k
-            await ctx.tick().repeat(d)              # stop bit
+            await ctx.delay(d * self.PERIOD)    # the stop bit
             self._from_device.append(byte)
 
     def write(self, data: bytes) -> None:
@@ -143,11 +192,14 @@ class SimTransport(Transport):
 
     def run(self, cycles: int) -> None:
         """Advance the device by ``cycles`` clock cycles."""
-        self.cycles += cycles
+        self.cycles += max(0, int(cycles))
         self._sim.run_until(self.cycles * self.PERIOD)
 
     def now(self) -> float:
         return self.cycles / self._clock_hz
+
+    def idle(self, seconds: float) -> None:
+        self.run(max(1, round(seconds * self._clock_hz)))
 
     def read_some(self, timeout: float) -> bytes:
         budget = max(1, int(timeout * self._clock_hz))
@@ -167,33 +219,63 @@ class SimTransport(Transport):
             self._vcd = None
 
 
+# ------------------------------------------------------------------------------------------------- link
+
 class Link:
     """Request/response exchange with sequence numbers, timeouts, retries and resynchronisation.
 
     A response is accepted only if its CRC is good and it echoes the request's sequence number; stale or
-    garbled frames are skipped. A request is sent again (same sequence number) after a timeout or a
-    ``BAD_CRC``/``TIMEOUT`` answer, up to ``retries`` times; then ``LinkError``.
+    garbled frames are skipped (the decoder hunts for the next sync). A request is sent again after a
+    timeout or an answer that corruption on the line can cause (``RETRYABLE``: a bad CRC, a frame cut
+    short, or a length the device refused before it could check the CRC), up to ``retries`` times; then
+    ``LinkError``, or ``DeviceRejected`` if the device kept refusing the length.
+
+    ``timeout`` is how long to wait for a response beyond the time its bytes take on the wire, which is
+    ``byte_time`` seconds a byte (``Device`` sets it from the device's identity).
     """
 
-    def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3):
+    RETRYABLE = (Result.BAD_CRC, Result.TIMEOUT, Result.BAD_LENGTH)
+
+    def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3, byte_time: float = 0.0):
+        if timeout <= 0 or retries < 0:
+            raise ValueError(f"need a positive timeout and non-negative retries, not {timeout!r}, {retries!r}")
         self.transport = transport
         self.timeout = timeout
         self.retries = retries
+        self.byte_time = byte_time
+        self.resent = 0             # requests sent again, over the link's life
         self._seq = 0
         self._decoder = FrameDecoder()
         self._pending = collections.deque()
+
+    @property
+    def max_response(self) -> int:
+        """Longest response payload accepted; a frame announcing more is garbage."""
+        return self._decoder.max_payload
+
+    @max_response.setter
+    def max_response(self, value: int):
+        self._decoder.max_payload = value
+
+    @property
+    def garbage(self) -> int:
+        """Bytes skipped and frames dropped by the response decoder so far."""
+        return self._decoder.skipped + self._decoder.bad_frames
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFF
         return self._seq
 
-    def _receive(self, seq: int, timeout: float):
-        """The response frame echoing ``seq``, or None after ``timeout`` seconds of the transport's clock."""
+    def _wait(self, frame: bytes, response_bytes: int) -> float:
+        return self.timeout + (len(frame) + FRAME_OVERHEAD + 1 + response_bytes) * self.byte_time
+
+    def _receive(self, seqs, timeout: float):
+        """The next response frame echoing one of ``seqs``, or None after ``timeout`` seconds."""
         deadline = self.transport.now() + timeout
         while True:
             while self._pending:
                 frame = self._pending.popleft()
-                if frame[1] == seq:
+                if frame[1] in seqs:
                     return frame
             remaining = deadline - self.transport.now()
             if remaining <= 0:
@@ -203,97 +285,216 @@ class Link:
                 return None
             self._pending.extend(self._decoder.feed(chunk))
 
-    def request(self, command: Command, payload: bytes = b"", timeout: float | None = None):
+    @staticmethod
+    def _classify(response):
+        """``(Result or None, body)``; None for a frame the host cannot use (an unknown result code, or
+        an OK without its flags byte)."""
+        code, _, body = response
+        try:
+            result = Result(code)
+        except ValueError:
+            return None, f"unknown result code {code:#04x}"
+        if result is Result.OK and not body:
+            return None, "a response without its flags byte"
+        return result, body
+
+    def request(self, command: Command, payload: bytes = b"", *, response_bytes: int = 0,
+                timeout: float | None = None) -> bytes:
         """Send one request; return the response payload (flags byte first). Raises ``DeviceRejected`` for
-        an error result other than the retryable ones, ``LinkError`` when no answer comes."""
-        timeout = self.timeout if timeout is None else timeout
+        an error result other than the retryable ones, ``LinkError`` when no usable answer comes.
+
+        ``response_bytes`` is the longest response payload expected, to allow for its time on the wire.
+        """
         seq = self._next_seq()
         frame = encode_frame(command, seq, payload)
-        last = None
-        for _ in range(self.retries + 1):
+        wait = self._wait(frame, response_bytes) if timeout is None else timeout
+        last = last_result = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.resent += 1
             self.transport.write(frame)
-            response = self._receive(seq, timeout)
+            response = self._receive({seq}, wait)
+            result = None
             if response is None:
                 last = "no answer"
-                continue
-            code, _, body = response
-            try:
-                result = Result(code)
-            except ValueError:
-                last = f"unknown result code {code}"
-                continue
-            if result in (Result.BAD_CRC, Result.TIMEOUT):
-                last = result.name
-                continue
-            if result is not Result.OK:
-                raise DeviceRejected(command, result)
-            return body
+            else:
+                result, body = self._classify(response)
+                if result is None:
+                    last = body
+                elif result in self.RETRYABLE:
+                    last = f"the device reported {result.name}"
+                elif result is not Result.OK:
+                    raise DeviceRejected(command, result)
+                else:
+                    return body
+            last_result = result
+        if last_result is Result.BAD_LENGTH:
+            raise DeviceRejected(command, last_result)
         raise LinkError(f"{Command(command).name}: {last} after {self.retries + 1} attempts")
 
+    def pipeline(self, command: Command, payloads, *, window: int = 16) -> list[bytes]:
+        """Send ``payloads`` as requests back to back, up to ``window`` awaiting their responses, and return
+        the response payloads in order.
+
+        Only for requests that may run in any order and more than once, and whose responses are shorter
+        than the requests (WRITE: see the flow-control rules in ``docs/protocol.md``). A request that gets
+        no answer or a retryable error is sent again (with a new sequence number) after the ones in
+        flight, up to ``retries`` times.
+        """
+        payloads = list(payloads)
+        bodies = [None] * len(payloads)
+        attempts = [0] * len(payloads)
+        queue = collections.deque(range(len(payloads)))
+        inflight = collections.OrderedDict()   # seq -> (index, frame)
+        failure = {}
+
+        def resend(index, reason, result=None):
+            if attempts[index] > self.retries:
+                if result is Result.BAD_LENGTH:
+                    raise DeviceRejected(command, result)
+                raise LinkError(f"{Command(command).name}: {reason} after {attempts[index]} attempts")
+            failure[index] = reason
+            self.resent += 1
+            queue.append(index)
+
+        while queue or inflight:
+            while queue and len(inflight) < window:
+                index = queue.popleft()
+                seq = self._next_seq()
+                if seq in inflight:    # the window must not wrap the sequence numbers
+                    queue.appendleft(index)
+                    break
+                frame = encode_frame(command, seq, payloads[index])
+                attempts[index] += 1
+                inflight[seq] = (index, frame)
+                self.transport.write(frame)
+            wait = self.timeout + sum(len(f) + FRAME_OVERHEAD + 1 for _, f in inflight.values()) * self.byte_time
+            response = self._receive(set(inflight), wait)
+            if response is None:
+                for index, _ in inflight.values():
+                    resend(index, "no answer")
+                inflight.clear()
+                continue
+            index, _ = inflight.pop(response[1])
+            result, body = self._classify(response)
+            if result is None:
+                resend(index, body)
+            elif result in self.RETRYABLE:
+                resend(index, f"the device reported {result.name}", result)
+            elif result is not Result.OK:
+                raise DeviceRejected(command, result)
+            else:
+                bodies[index] = body
+        return bodies
+
+
+# ------------------------------------------------------------------------------------------------- device API
 
 class Device:
     """The device API: identify, load programs, run sequences, read samples and status.
 
     One class for every transport; the simulated board, Verilator and a real board differ only in the
-    ``Transport`` underneath.
+    ``Transport`` underneath. Construction sends IDENTIFY and checks the protocol version and number
+    formats; ``identity`` holds the answer and ``flags`` the device flags of the latest response.
     """
 
     def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3):
-        from .protocol import Identity
         self.link = Link(transport, timeout=timeout, retries=retries)
-        body = self.link.request(Command.IDENTIFY)
-        self.identity = Identity.from_bytes(body[1:])
-        from .protocol import PROTOCOL_VERSION
-        if self.identity.version != PROTOCOL_VERSION:
-            raise LinkError(f"device speaks protocol version {self.identity.version}, this host {PROTOCOL_VERSION}")
-        self.flags = body[0]
+        body = self.link.request(Command.IDENTIFY, response_bytes=64)
+        self.flags = Flags(body[0] & 0xF)
+        try:
+            self.identity = Identity.from_bytes(body[1:])
+        except ProtocolError as exc:
+            raise LinkError(f"the device's identity is malformed: {exc}") from None
+        ident = self.identity
+        if ident.version != PROTOCOL_VERSION:
+            raise LinkError(f"the device speaks protocol version {ident.version}; this host speaks {PROTOCOL_VERSION}")
+        if ident.formats != FORMATS_REVISION:
+            raise LinkError(f"the device uses number-format revision {ident.formats}; this host implements "
+                            f"{FORMATS_REVISION}")
+        if ident.clock_hz <= 0 or ident.divisor <= 0:
+            raise LinkError(f"the device reports a {ident.clock_hz} Hz clock and UART divisor {ident.divisor}")
+        self.link.byte_time = 10 * ident.divisor / ident.clock_hz
+        # The longest response this device can send: a garbled length beyond it is recognised at once.
+        self.link.max_response = max(1 + MAX_READ_COUNT * 8, 5 + (ident.fifo_depth + 1) * ident.sample_word_bytes,
+                                     1 + len(body), 1 + StatusReport.size())
 
-    # -- low level
-    def _request(self, command, payload=b"", timeout=None):
-        body = self.link.request(command, payload, timeout=timeout)
-        self.flags = body[0]
+    @property
+    def transport(self) -> Transport:
+        return self.link.transport
+
+    # -- requests
+    def _request(self, command, payload=b"", response_bytes=0):
+        body = self.link.request(command, payload, response_bytes=response_bytes)
+        self.flags = Flags(body[0] & 0xF)
         return body[1:]
 
+    def _word_bytes(self, region) -> int:
+        return word_bytes(region, self.identity.degree)
+
     def write_words(self, region, offset: int, words) -> None:
-        """Write consecutive words of ``region`` from ``offset``, packing as many per frame as fit."""
-        import struct
-        from .protocol import MAX_REQUEST_PAYLOAD, word_bytes
-        size = word_bytes(region, self.identity.degree)
-        per_frame = max(1, (MAX_REQUEST_PAYLOAD - 4) // size)
-        words = list(words)
-        for start in range(0, len(words), per_frame):
-            chunk = words[start:start + per_frame]
-            payload = struct.pack("<B", int(region)) + (offset + start).to_bytes(3, "little")
-            payload += b"".join(int(w).to_bytes(size, "little") for w in chunk)
-            self._request(Command.WRITE, payload)
+        """Write consecutive words of ``region`` from ``offset`` (see ``writes``)."""
+        self.writes([(region, offset + k, word) for k, word in enumerate(words)])
+
+    def writes(self, items) -> None:
+        """Apply ``(region, offset, word)`` writes: runs of consecutive offsets share frames, and frames are
+        pipelined in batches within which no word is written twice (so a resent frame cannot reorder two
+        writes of one word)."""
+        items = list(items)
+        batch, touched = [], set()
+
+        def flush():
+            if batch:
+                self._write_batch(batch)
+            batch.clear()
+            touched.clear()
+
+        for region, offset, word in items:
+            key = (int(region), offset)
+            if key in touched:
+                flush()
+            touched.add(key)
+            batch.append((region, offset, word))
+        flush()
+
+    def _write_batch(self, items):
+        # No word repeats within a batch, so the writes commute: sort them into runs of consecutive offsets.
+        items = sorted(items, key=lambda item: (int(item[0]), item[1]))
+        size_of = {}
+        payloads = []
+        start = 0
+        while start < len(items):
+            region, offset, _ = items[start]
+            size = size_of.setdefault(region, self._word_bytes(region))
+            per_frame = max(1, (MAX_REQUEST_PAYLOAD - 4) // size)
+            end = start + 1
+            while (end < len(items) and end - start < per_frame and items[end][0] == region
+                   and items[end][1] == offset + (end - start)):
+                end += 1
+            payload = struct.pack("<B", int(region)) + offset.to_bytes(3, "little")
+            payloads.append(payload + b"".join(int(w).to_bytes(size, "little") for _, _, w in items[start:end]))
+            start = end
+        bodies = self.link.pipeline(Command.WRITE, payloads)
+        if bodies:
+            self.flags = Flags(bodies[-1][0] & 0xF)
 
     def read_words(self, region, offset: int, count: int) -> list[int]:
-        import struct
-        from .protocol import MAX_READ_COUNT, word_bytes
-        size = word_bytes(region, self.identity.degree) if region != 0 else 4
+        size = self._word_bytes(region)
         out = []
         for start in range(0, count, MAX_READ_COUNT):
             n = min(MAX_READ_COUNT, count - start)
             payload = struct.pack("<B", int(region)) + (offset + start).to_bytes(3, "little") + bytes([n])
-            body = self._request(Command.READ, payload)
+            body = self._request(Command.READ, payload, response_bytes=1 + n * size)
+            if len(body) != n * size:
+                raise LinkError(f"READ of {n} words returned {len(body)} bytes")
             out += [int.from_bytes(body[k * size:(k + 1) * size], "little") for k in range(n)]
         return out
 
-    def writes(self, items) -> None:
-        """Apply ``(region, offset, word)`` writes, grouping runs of consecutive offsets."""
-        items = list(items)
-        start = 0
-        while start < len(items):
-            region, offset, _ = items[start]
-            end = start + 1
-            while end < len(items) and items[end][0] == region and items[end][1] == offset + (end - start):
-                end += 1
-            self.write_words(region, offset, [w for _, _, w in items[start:end]])
-            start = end
-
-    def status(self):
-        from .protocol import StatusReport
-        return StatusReport.from_bytes(self._request(Command.STATUS))
+    def status(self) -> StatusReport:
+        try:
+            return StatusReport.from_bytes(self._request(Command.STATUS, response_bytes=1 + StatusReport.size()))
+        except ProtocolError as exc:
+            raise LinkError(str(exc)) from None
 
     def start(self, flags: int = 0) -> None:
         self._request(Command.START, bytes([flags]))
@@ -301,66 +502,121 @@ class Device:
     def stop(self) -> None:
         self._request(Command.STOP)
 
-    def reset(self) -> None:
-        self._request(Command.RESET)
+    def reset(self, timeout: float = 1.0) -> None:
+        """RESET (stop the fabric, empty the sample FIFO, clear the link counters) until the fabric is idle:
+        a capture blocked on a full FIFO only ends once the FIFO is emptied."""
+        deadline = self.transport.now() + timeout
+        while True:
+            self._request(Command.RESET)
+            if not self.status().fabric_status & 1:
+                return
+            if self.transport.now() > deadline:
+                raise LinkError("the fabric did not stop after RESET")
+            self.transport.idle(20 * self.link.byte_time)
 
     def read_samples(self, max_words: int = 4096):
-        """``(first index, words)`` waiting in the device."""
-        import struct
-        body = self._request(Command.SAMPLES, struct.pack("<H", max_words))
-        first = int.from_bytes(body[:4], "little")
+        """``(index of the first word, words)``: the capture words waiting in the device, up to ``max_words``."""
+        max_words = max(0, min(max_words, 0xFFFF))
         size = self.identity.sample_word_bytes
+        longest = min(max_words, self.identity.fifo_depth + 1)
+        body = self._request(Command.SAMPLES, struct.pack("<H", max_words), response_bytes=5 + longest * size)
+        if len(body) < 4 or (len(body) - 4) % size:
+            raise LinkError(f"a SAMPLES response of {len(body)} bytes does not hold whole words")
+        first = int.from_bytes(body[:4], "little")
         words = [int.from_bytes(body[4 + k * size:4 + (k + 1) * size], "little")
                  for k in range((len(body) - 4) // size)]
         return first, words
 
-    # -- high level
+    # -- programs and runs
     def check_program(self, program) -> None:
-        """Raise ``LinkError`` unless ``program`` was compiled for this device's fabric."""
-        cfg, ident = program.geometry.config, self.identity
-        mine = (ident.rows, ident.cols, tuple(map(tuple, ident.jumps)), ident.lanes, ident.latency)
-        theirs = (cfg.rows, cfg.cols, tuple(map(tuple, program.geometry.grid.jumps)), cfg.lanes, cfg.latency)
-        if mine != theirs:
-            raise LinkError(f"the program targets a {program.geometry.describe()} fabric; the device has "
-                            f"{ident.rows}×{ident.cols}, jumps {list(ident.jumps)}, {ident.lanes} lanes")
+        """Raise ``ProgramMismatch`` unless ``program`` was compiled for this device's fabric."""
+        from .fabric import FabricGeometry
+        ident = self.identity
+        mine = (f"{ident.rows}×{ident.cols} torus, jumps {[list(j) for j in ident.jumps]}, {ident.lanes} lanes, "
+                f"latency {ident.latency}, {ident.layers} layers")
+        g = program.geometry
+        if not isinstance(g, FabricGeometry):
+            raise ProgramMismatch(f"the program has no fabric geometry (a general graph); the device has a {mine}")
+        cfg = g.config
+        same = ((ident.rows, ident.cols, tuple(map(tuple, ident.jumps)), ident.lanes, ident.latency, ident.cycles,
+                 ident.degree) ==
+                (cfg.rows, cfg.cols, tuple(map(tuple, g.grid.jumps)), cfg.lanes, cfg.latency, g.cycles, g.degree))
+        if not same:
+            raise ProgramMismatch(f"the program was compiled for a {g.describe()} fabric; the device has a {mine}")
         if len(program.layers) > ident.layers:
-            raise LinkError(f"the program has {len(program.layers)} layers; the device holds {ident.layers}")
+            raise ProgramMismatch(f"the program has {len(program.layers)} layers; the device holds {ident.layers}")
 
     def load_program(self, program) -> None:
         from .devicemap import program_writes
         self.check_program(program)
         self.writes(program_writes(program))
 
-    def run(self, program, ops, seed: int, chain: int, poll: float = 0.05, timeout: float | None = None):
-        """Run ``ops`` for one chain and return its captures, (captures, fabric nodes) int8.
+    def run(self, program, ops, seed: int, chain: int, *, poll: float = 0.002, timeout: float | None = None):
+        """Run ``ops`` (``opentsu.sequence``) for global chain ``chain`` and return its captures,
+        (captures, fabric nodes) int8.
 
-        ``timeout`` (device seconds) bounds the whole run; by default it grows with the sweeps asked for.
+        Seeds the lanes for ``chain``, stores the sequence, STARTs it and drains the sample FIFO until every
+        capture word has arrived, checking each response's first-word index, so a lost word is an error
+        rather than a shifted sample. ``timeout`` (device seconds) bounds the run; by default it allows
+        four times the fabric's own time plus the time the words take on the UART.
         """
         import numpy as np
         from .devicemap import seed_writes, sequence_writes, unpack_capture
         from .sequence import Opcode, captures
         g = program.geometry
+        ident = self.identity
         self.writes(seed_writes(seed, chain, g.lanes) + sequence_writes(ops))
         expected = captures(ops) * g.cycles
-        sweeps = sum(op.arg for op in ops if op.code is Opcode.SWEEP) + captures(ops) * max(
-            [op.arg for op in ops if op.code is Opcode.THIN] + [1])
+        thin = 1
+        sweeps = 0
+        for op in ops:   # sweeps the fabric runs, for the time estimate
+            if op.code is Opcode.THIN:
+                thin = op.arg
+            elif op.code in (Opcode.SWEEP, Opcode.RANDOMIZE):
+                sweeps += op.arg if op.code is Opcode.SWEEP else 1
+            elif op.code is Opcode.CAPTURE:
+                sweeps += (op.arg - 1) * thin + op.arg   # the sweeps between samples, and the read passes
+            elif op.code is Opcode.LOAD:
+                sweeps += 3
+        fabric_time = sweeps * (g.cycles + 8) / ident.clock_hz
+        wire_time = expected * ident.sample_word_bytes * self.link.byte_time
         if timeout is None:
-            timeout = 2.0 + 4 * sweeps * g.cycles / self.identity.clock_hz + expected * 20 * \
-                self.identity.divisor * self.identity.sample_word_bytes / self.identity.clock_hz
+            timeout = 10 * self.link.timeout + 4 * (fabric_time + wire_time)
         self.start()
+        started = self.transport.now()
+        deadline = started + timeout
         words = []
-        deadline = self.link.transport.now() + timeout
+        finished_empty = 0
         while len(words) < expected:
             first, got = self.read_samples(min(4096, expected - len(words)))
             if first != len(words):
-                raise LinkError(f"sample stream lost words: expected index {len(words)}, got {first}")
+                raise LinkError(f"the sample stream lost words: expected word {len(words)} next, the device "
+                                f"sent word {first}")
             words += got
-            if not got:
-                if self.link.transport.now() > deadline:
-                    raise LinkError(f"the device produced {len(words)} of {expected} capture words in time")
-                if isinstance(self.link.transport, SimTransport):
-                    self.link.transport.run(max(1, int(poll * self.identity.clock_hz)))
-                else:
-                    time.sleep(poll)
+            if got:
+                finished_empty = 0
+                continue
+            if not self.flags & Flags.RUNNING:
+                # Not running and nothing waiting, twice in a row (the first time, the last words may have
+                # entered the FIFO after the device counted it): the run ended short.
+                finished_empty += 1
+                if finished_empty >= 2:
+                    raise LinkError(f"the device finished the sequence after {len(words)} of {expected} capture "
+                                    f"words{self._fabric_problem()}")
+                continue
+            if self.transport.now() > deadline:
+                self.stop()
+                raise LinkError(f"the device produced {len(words)} of {expected} capture words in "
+                                f"{timeout:.3g} s (device time)")
+            left = fabric_time - (self.transport.now() - started)
+            self.transport.idle(min(poll, max(20 * self.link.byte_time, left)))
         caps = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, expected, g.cycles)]
         return np.array(caps, dtype=np.int8).reshape(-1, g.n)
+
+    def _fabric_problem(self) -> str:
+        if not self.flags & Flags.FABRIC_ERROR:
+            return ""
+        from .devicemap import Status
+        status = Status(self.status().fabric_status)
+        problems = [flag.name for flag in (Status.WRITE_REFUSED, Status.BAD_SEQUENCE) if status & flag]
+        return f" (fabric error: {', '.join(problems) or 'unknown'})"

@@ -146,7 +146,15 @@ class FrameDecoder:
                 continue
             end = len(SYNC) + HEADER_BYTES + length + 2
             if len(self._buffer) < end:
-                return frames
+                # Incomplete, or a garbled length that would swallow what follows: if a good frame is
+                # already complete further on, this one was garbage.
+                later = self._next_good_frame()
+                if later is None:
+                    return frames
+                self.bad_frames += 1
+                self.skipped += later
+                del self._buffer[:later]
+                continue
             body = bytes(self._buffer[len(SYNC):end - 2])
             (crc,) = struct.unpack_from("<H", self._buffer, end - 2)
             if crc != crc16(body):
@@ -155,6 +163,21 @@ class FrameDecoder:
                 continue
             frames.append((code, seq, body[HEADER_BYTES:]))
             del self._buffer[:end]
+
+    def _next_good_frame(self):
+        """Offset of the first complete frame with a good CRC after the buffer's first byte, or None."""
+        buf = self._buffer
+        start = buf.find(SYNC, 1)
+        while start >= 0:
+            if len(buf) >= start + len(SYNC) + HEADER_BYTES:
+                (length,) = struct.unpack_from("<H", buf, start + len(SYNC) + 2)
+                end = start + len(SYNC) + HEADER_BYTES + length + 2
+                if length <= self.max_payload and end <= len(buf):
+                    body = bytes(buf[start + len(SYNC):end - 2])
+                    if struct.unpack_from("<H", buf, end - 2)[0] == crc16(body):
+                        return start
+            start = buf.find(SYNC, start + 1)
+        return None
 
 
 def word_bytes(region: Region, degree: int) -> int:
