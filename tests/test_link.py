@@ -1,0 +1,362 @@
+"""Host-side failures: missing, busy, silent and lying devices surface as clear exceptions and CLI messages.
+
+The devices here are scripted in Python (``ScriptedDevice``), so each failure is exact and fast; a serial
+port is a pseudo-terminal pair (``os.openpty``) whose far end is silent or runs the script in a thread.
+The gateware's own behaviour is tested in ``test_protocol.py``.
+"""
+
+import os
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from opentsu.cli import main
+from opentsu.compiler import compile_model
+from opentsu.fabric import FabricConfig
+from opentsu.link import (Device, DeviceRejected, Link, LinkError, ProgramMismatch, SerialTransport, Transport)
+from opentsu.model import save_model
+from opentsu.protocol import (PROTOCOL_VERSION, Command, Flags, FrameDecoder, Identity, Result, StatusReport,
+                              crc16)
+from opentsu.sequence import sampling_sequence
+
+from .util import grid_model
+
+CLOCK, DIVISOR = 12_000_000, 4
+
+
+def response(code, seq, payload=b""):
+    body = bytes([code, seq]) + len(payload).to_bytes(2, "little") + payload
+    return b"\xA5\x5A" + body + crc16(body).to_bytes(2, "little")
+
+
+def identity_for(config, cycles, degree, **changes):
+    fields = dict(version=PROTOCOL_VERSION, rows=config.rows, cols=config.cols, jumps=config.jumps,
+                  lanes=config.lanes, latency=config.latency, cycles=cycles, degree=degree, layers=config.layers,
+                  sequence_depth=64, sample_word_bytes=1, fifo_depth=64, clock_hz=CLOCK, divisor=DIVISOR,
+                  trng=False)
+    fields.update(changes)
+    return Identity(**fields)
+
+
+CONFIG = FabricConfig(4, 4, ((0, 1),), lanes=2, latency=1)
+
+
+@pytest.fixture(scope="module")
+def program():
+    return compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric=CONFIG)
+
+
+class Script:
+    """A device in Python: answers each request frame with ``handle(command, seq, payload)``."""
+
+    def __init__(self, identity, samples=None, running=False):
+        self.identity = identity
+        self.samples = samples          # callable(max words) -> (first index, words, running flag)
+        self.running = running
+        self.commands = []
+
+    def handle(self, command, seq, payload):
+        self.commands.append(Command(command))
+        flags = bytes([Flags.RUNNING if self.running else 0])
+        if command == Command.IDENTIFY:
+            return response(Result.OK, seq, flags + self.identity.to_bytes())
+        if command == Command.STATUS:
+            return response(Result.OK, seq, flags + bytes(StatusReport.size()))
+        if command == Command.WRITE and self.running:
+            return response(Result.BUSY, seq, flags)
+        if command == Command.START:
+            self.running = True
+            return response(Result.OK, seq, bytes([Flags.RUNNING]))
+        if command == Command.SAMPLES:
+            first, words, self.running = self.samples(struct.unpack("<H", payload)[0])
+            flags = bytes([Flags.RUNNING if self.running else 0])
+            return response(Result.OK, seq, flags + struct.pack("<I", first) + bytes(words))
+        return response(Result.OK, seq, flags)
+
+
+class ScriptedDevice(Transport):
+    """A transport to a ``Script``, on device time: a silent read lets its whole timeout pass."""
+
+    def __init__(self, script):
+        self.script = script
+        self.t = 0.0
+        self.out = b""
+        self.decoder = FrameDecoder()
+
+    def write(self, data):
+        for code, seq, payload in self.decoder.feed(data):
+            self.out += self.script.handle(code, seq, payload)
+
+    def read_some(self, timeout):
+        out, self.out = self.out, b""
+        if not out:
+            self.t += timeout
+        return out
+
+    def now(self):
+        return self.t
+
+    def idle(self, seconds):
+        self.t += seconds
+
+
+# ------------------------------------------------------------------------------------------------ exceptions
+
+def test_silent_device_gives_a_link_error_after_the_retries():
+    transport = ScriptedDevice(None)
+    transport.write = lambda data: None
+    with pytest.raises(LinkError, match=r"^IDENTIFY: no answer after 3 attempts$"):
+        Device(transport, timeout=0.1, retries=2)
+    assert transport.t == pytest.approx(0.3)
+
+
+def test_garbage_only_gives_a_link_error():
+    class Babbler(ScriptedDevice):
+        def write(self, data):
+            self.out += bytes(range(256)) + b"\xA5\x5A\x00\x01\x03\x00\x00"
+
+    with pytest.raises(LinkError, match="no answer"):
+        Link(Babbler(None), timeout=0.01, retries=1).request(Command.IDENTIFY)
+
+
+def test_unknown_result_codes_are_not_accepted():
+    class Liar(ScriptedDevice):
+        def write(self, data):
+            self.out += response(0x99, data[3], b"\x00")
+
+    with pytest.raises(LinkError, match="unknown result code 0x99 after 2 attempts"):
+        Link(Liar(None), timeout=0.01, retries=1).request(Command.IDENTIFY)
+
+
+def test_device_errors_surface_as_device_rejected(program):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree), running=True)
+    device = Device(ScriptedDevice(script))
+    with pytest.raises(DeviceRejected, match="^device rejected WRITE: BUSY$") as info:
+        device.load_program(program)
+    assert info.value.result is Result.BUSY and info.value.command == Command.WRITE
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(version=PROTOCOL_VERSION + 1), "protocol version"),
+    (dict(formats=2), "number-format revision 2"),
+])
+def test_incompatible_devices_are_refused(program, change, message):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree, **change))
+    with pytest.raises(LinkError, match=message):
+        Device(ScriptedDevice(script))
+
+
+@pytest.mark.parametrize("change", [dict(rows=8, cols=8), dict(lanes=4), dict(jumps=((0, 1), (2, 1))),
+                                    dict(latency=3), dict(layers=0)])
+def test_a_program_for_another_fabric_is_refused(program, change):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree, **change))
+    device = Device(ScriptedDevice(script))
+    with pytest.raises(ProgramMismatch, match="compiled for a 4×4|layers"):
+        device.load_program(program)
+    assert Command.WRITE not in script.commands
+
+
+def test_a_lost_sample_word_is_an_error_not_a_shifted_sample(program):
+    sent = [0]
+
+    def samples(max_words):
+        first = sent[0] + (1 if sent[0] else 0)         # the second response skips a word
+        sent[0] = first + 3
+        return first, [1, 2, 3], True
+
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree), samples=samples)
+    device = Device(ScriptedDevice(script))
+    with pytest.raises(LinkError, match="lost words: expected word 3 next, the device sent word 4"):
+        device.run(program, sampling_sequence(4, 0, 1), seed=0, chain=0)
+
+
+def test_a_run_that_ends_short_is_an_error(program):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree),
+                    samples=lambda max_words: (0, [], False))
+    device = Device(ScriptedDevice(script))
+    with pytest.raises(LinkError, match="finished the sequence after 0 of 16 capture words"):
+        device.run(program, sampling_sequence(2, 0, 1), seed=0, chain=0)
+
+
+def test_a_run_that_never_ends_times_out_and_stops_the_device(program):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree),
+                    samples=lambda max_words: (0, [], True))
+    transport = ScriptedDevice(script)
+    device = Device(transport, timeout=0.01)
+    with pytest.raises(LinkError, match="produced 0 of 16 capture words"):
+        device.run(program, sampling_sequence(2, 0, 1), seed=0, chain=0, timeout=0.5)
+    assert script.commands[-1] is Command.STOP
+    assert 0.5 <= transport.t < 0.6
+
+
+# ------------------------------------------------------------------------------------------------ serial ports
+
+def test_missing_serial_port_fails_at_once():
+    start = time.monotonic()
+    with pytest.raises(LinkError, match="^cannot open serial port /nonexistent/ttyX: No such file or directory$"):
+        SerialTransport("/nonexistent/ttyX")
+    assert time.monotonic() - start < 1
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = os.openpty()
+    yield master, os.ttyname(slave)
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_silent_serial_port_times_out(pty_pair):
+    _, path = pty_pair
+    with SerialTransport(path) as transport:
+        start = time.monotonic()
+        with pytest.raises(LinkError, match="IDENTIFY: no answer after 2 attempts"):
+            Device(transport, timeout=0.2, retries=1)
+        assert 0.4 <= time.monotonic() - start < 1.5
+
+
+def test_busy_serial_port_is_reported(pty_pair):
+    _, path = pty_pair
+    with SerialTransport(path):
+        with pytest.raises(LinkError, match="in use by another program"):
+            SerialTransport(path)
+
+
+def serve(master, script, stop):
+    """Run ``script`` as the device at the far end of a pty until ``stop`` is set."""
+    import select
+    decoder = FrameDecoder()
+    while not stop.is_set():
+        ready, _, _ = select.select([master], [], [], 0.02)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            for code, seq, payload in decoder.feed(data):
+                os.write(master, script.handle(code, seq, payload))
+
+
+@pytest.fixture
+def pty_device(pty_pair):
+    master, path = pty_pair
+    threads = []
+    stop = threading.Event()
+
+    def start(script):
+        thread = threading.Thread(target=serve, args=(master, script, stop), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return path
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+
+def test_serial_transport_talks_to_a_device(pty_device, program):
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree))
+    with SerialTransport(pty_device(script)) as transport:
+        device = Device(transport, timeout=0.5)
+        assert device.identity == script.identity
+        assert device.status().crc_errors == 0
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def run_cli(argv, capsys):
+    start = time.monotonic()
+    code = main(argv)
+    _, err = capsys.readouterr()
+    return code, err, time.monotonic() - start
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "m.npz"
+    save_model(path, grid_model(4, 4, ((0, 1),), seed=3))
+    return path
+
+
+def test_cli_board_without_port_is_a_usage_error(model_file, tmp_path, capsys):
+    out = tmp_path / "s.npy"
+    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board", "-n", "4"], capsys)
+    assert code == 2 and "--port" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_missing_port_fails_at_once(model_file, tmp_path, capsys):
+    out = tmp_path / "s.npy"
+    code, err, elapsed = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board",
+                                  "--port", "/nonexistent/ttyX", "-n", "4"], capsys)
+    assert code == 1 and elapsed < 3
+    assert err.strip() == ("opentsu: failed: board on /nonexistent/ttyX: cannot open serial port /nonexistent/ttyX: "
+                           "No such file or directory")
+    assert not out.exists()
+
+
+def test_cli_silent_port_fails_within_seconds(model_file, tmp_path, pty_pair, capsys):
+    out = tmp_path / "s.npy"
+    code, err, elapsed = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board",
+                                  "--port", pty_pair[1], "-n", "4"], capsys)
+    assert code == 1 and elapsed < 5
+    assert "no answer" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_board_with_another_fabric_is_a_usage_error(model_file, tmp_path, pty_device, capsys):
+    # The model compiles for the iCEBreaker fabric by default; this board has a 4×4 one.
+    program = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric=CONFIG)
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree))
+    out = tmp_path / "s.npy"
+    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board",
+                            "--port", pty_device(script), "-n", "4"], capsys)
+    assert code == 2 and "compiled for a 16×16" in err and "the device has a 4×4" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert Command.WRITE not in script.commands
+
+
+def test_cli_board_samples_through_the_serial_port(model_file, tmp_path, pty_device, capsys):
+    """The whole board path over a real (pseudo) serial port, with a scripted device that returns fixed
+    capture words: the CLI writes them, unpacked into spins, in chain order."""
+    program = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric="auto")   # what the CLI compiles
+    g = program.geometry
+    pending = []
+
+    def samples(max_words):
+        words = pending[:max_words]
+        del pending[:len(words)]
+        first = samples.sent
+        samples.sent += len(words)
+        return first, words, bool(pending)
+    samples.sent = 0
+
+    class Board(Script):
+        def handle(self, command, seq, payload):
+            if command == Command.START:     # each chain: 2 captures, all lanes +1, then only lane 0
+                pending[:] = [(1 << g.lanes) - 1] * g.cycles + [0b01] * g.cycles
+                samples.sent = 0
+            return super().handle(command, seq, payload)
+
+    script = Board(identity_for(g.config, g.cycles, g.degree), samples=samples)
+    out = tmp_path / "s.npy"
+    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board", "--fabric", "auto",
+                            "--port", pty_device(script), "-n", "4", "--chains", "2"], capsys)
+    assert code == 0, err
+    got = np.load(out)
+    assert got.shape == (4, 16) and got.dtype == np.int8
+    lane_of = {int(g.schedule[t, lane]): lane for t in range(g.cycles) for lane in range(g.lanes)
+               if g.schedule[t, lane] >= 0}
+    lane0_only = np.array([1 if lane_of[int(f)] == 0 else -1 for f in program.node_map])
+    for row in (0, 2):
+        assert np.all(got[row] == 1)
+    for row in (1, 3):
+        assert np.array_equal(got[row], lane0_only)
+    assert script.commands.count(Command.START) == 2
