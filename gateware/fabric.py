@@ -252,7 +252,8 @@ class Fabric(wiring.Component):
             bank, half = lane // 2, lane % 2
             threshold = Threshold(D)
             m.submodules[f"threshold{lane}"] = threshold
-            m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
+            m.d.comb += [threshold.en.eq(step), threshold.word_next.eq(rng.next_words[lane]),
+                         threshold.word.eq(rng.words[lane]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
             sel_a, _ = station_rom(taus[lead], lane, "a")
             sel_c, idle_c = station_rom(taus[depth], lane, "c")

@@ -16,12 +16,19 @@ def _rotl(x, k):
 class LaneRNG(wiring.Component):
     """A bank of ``lanes`` xoroshiro64 generators.
 
+    Each lane keeps ``(s0, u)`` with ``u = s0 ^ s1``: the same engine in other coordinates, in which both
+    next-state functions are single-LUT XORs (``s0' = rotl(s0,26) ^ u ^ u<<9``,
+    ``u' = s0' ^ rotl(u,13)``) and pack with their flip-flops. The plain ``(s0, s1)`` form needs
+    ``t = s0 ^ s1`` twice, and the shared XOR left half the state in flip-flops of their own.
+
     Ports
     -----
     words : Out(ArrayLayout(32, lanes))
-        Each lane's current output word ``s0``.
+        Each lane's current word ``s0``: the word of the last draw.
+    next_words : Out(ArrayLayout(32, lanes))
+        The word the next draw will give (``s0'``, combinational).
     advance : In(1)
-        Step every generator at the end of this cycle (a draw).
+        Draw: step every generator at the end of this cycle.
     inject : In(lanes)
         On a draw, bit ℓ is XORed into bit 0 of lane ℓ's new ``s1``. Starting from ``reset``, 64 draws
         with the bits of ``formats.seed_injection`` leave a lane in any state wanted: seeding needs no
@@ -40,6 +47,7 @@ class LaneRNG(wiring.Component):
         self._lanes = lanes
         super().__init__({
             "words": Out(data.ArrayLayout(RNG_WORD_BITS, lanes)),
+            "next_words": Out(data.ArrayLayout(RNG_WORD_BITS, lanes)),
             "advance": In(1),
             "inject": In(lanes),
             "reset": In(1),
@@ -61,13 +69,12 @@ class LaneRNG(wiring.Component):
         reset0, reset1 = RNG_RESET_STATE
         for lane in range(self._lanes):
             s0 = Signal(32, name=f"s0_{lane}", init=reset0)
-            s1 = Signal(32, name=f"s1_{lane}", init=reset1)
-            m.d.comb += self.words[lane].eq(s0)
-            t = Signal(32, name=f"t_{lane}")
-            m.d.comb += t.eq(s0 ^ s1)
+            u = Signal(32, name=f"u_{lane}", init=reset0 ^ reset1)
+            s0_next = Signal(32, name=f"s0_next_{lane}")
+            m.d.comb += [s0_next.eq(_rotl(s0, 26) ^ u ^ (u << 9)[:32]),
+                         self.words[lane].eq(s0), self.next_words[lane].eq(s0_next)]
             with m.If(self.reset):
-                m.d.sync += [s0.eq(reset0), s1.eq(reset1)]
+                m.d.sync += [s0.eq(reset0), u.eq(reset0 ^ reset1)]
             with m.Elif(self.advance):
-                m.d.sync += [s0.eq(_rotl(s0, 26) ^ t ^ (t << 9)[:32]),
-                             s1.eq(_rotl(t, 13) ^ entropy[lane])]
+                m.d.sync += [s0.eq(s0_next), u.eq(s0_next ^ _rotl(u, 13) ^ entropy[lane])]
         return m

@@ -44,12 +44,12 @@ static inline int32_t pbit(int32_t f, uint32_t word, const int32_t *restrict key
     return (key < keys[f + KEY_SPAN]) ^ fold;
 }
 
-/* One xoroshiro64 draw: the word is s0; the state advances. */
+/* One xoroshiro64 draw: the state advances, then the word is the new s0. */
 #define XOROSHIRO_STEP(a, b, k, word)                                                                 \
     do {                                                                                              \
         const uint32_t x_ = (a)[k], y_ = (b)[k], t_ = x_ ^ y_;                                       \
-        (word) = x_;                                                                                  \
-        (a)[k] = rotl32(x_, 26) ^ t_ ^ (t_ << 9);                                                    \
+        (word) = rotl32(x_, 26) ^ t_ ^ (t_ << 9);                                                    \
+        (a)[k] = (word);                                                                              \
         (b)[k] = rotl32(t_, 13);                                                                      \
     } while (0)
 

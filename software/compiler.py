@@ -426,11 +426,12 @@ def compile_layers(topology: Grid | SparseGraph, layers: list[FloatLayer], fabri
         w_codes = np.where((clamp != 0)[:, None], 0, w_codes).astype(np.int16)
         codes.append(LayerCodes(w_codes, b_codes, c_codes, clamp))
 
-        w_err = np.abs(scaled_w - WEIGHT.to_float(w_codes))
+        # A clamped node's own row is zero on purpose (its neighbours carry the couplings): not an error.
+        w_err = np.where((clamp != 0)[:, None], 0.0, np.abs(scaled_w - WEIGHT.to_float(w_codes)))
         free = clamp == 0  # a clamped node's h and c do not matter
         b_err = np.where(free, np.abs(beta * h_full - BIAS.to_float(b_codes)), 0.0)
         c_err = np.where(free, np.abs(beta * c_full - COUPLING.to_float(c_codes)), 0.0)
-        edge = target != 0
+        edge = (target != 0) & (clamp == 0)[:, None]
         report.weight_max_error = max(report.weight_max_error, float(w_err.max(initial=0)))
         w_err_sum += float(w_err[edge].sum())
         w_err_count += int(edge.sum())

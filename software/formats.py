@@ -34,8 +34,8 @@ force construction.
 The random streams
 ------------------
 Each lane owns one xoroshiro64 generator (Blackman & Vigna's xoroshiro linear engine on two 32-bit
-words, rotations a=26, b=9, c=13, period 2^64 - 1); a draw is the word ``s0`` followed by one full step,
-so successive words are not shifted copies of each other. The engine is used without a scrambler: the
+words, rotations a=26, b=9, c=13, period 2^64 - 1); a draw is one full step followed by reading the word
+``s0``, so successive words are not shifted copies of each other. The engine is used without a scrambler: the
 ``+`` scrambler costs an adder per lane (31 LUTs and 31 carries on the iCE40) and the p-bit already
 passes the 26 bits it uses through a nonlinear threshold. State comes from a 64-bit seed through
 splitmix64, one independent state per (chain, lane).
@@ -334,15 +334,14 @@ def _rotl32(x, k):
 def xoroshiro64_step(s0, s1):
     """One draw from every generator: returns ``(word, s0', s1')`` for uint32 arrays (or scalars).
 
-    ``word = s0``; then ``t = s0 ^ s1``, ``s0' = rotl(s0, 26) ^ t ^ (t << 9)``, ``s1' = rotl(t, 13)``.
+    ``t = s0 ^ s1``, ``s0' = rotl(s0, 26) ^ t ^ (t << 9)``, ``s1' = rotl(t, 13)``; then ``word = s0'``.
     """
     s0 = np.asarray(s0, dtype=np.uint32)
     s1 = np.asarray(s1, dtype=np.uint32)
-    word = s0.copy()
     t = s0 ^ s1
-    n0 = _rotl32(s0, 26) ^ t ^ ((t << np.uint32(9)) & np.uint32(_MASK32))
-    n1 = _rotl32(t, 13)
-    return word, n0.astype(np.uint32), n1.astype(np.uint32)
+    n0 = (_rotl32(s0, 26) ^ t ^ ((t << np.uint32(9)) & np.uint32(_MASK32))).astype(np.uint32)
+    n1 = _rotl32(t, 13).astype(np.uint32)
+    return n0.copy(), n0, n1
 
 
 #: Generator state right after a reset: ``s0 = 1``, ``s1 = 0``.

@@ -109,15 +109,16 @@ def test_kernel_key_form_equals_threshold():
 
 
 def reference_xoroshiro64(s0, s1, count):
-    """Blackman & Vigna's xoroshiro64 linear engine (output s0), written from the paper with Python ints."""
+    """Blackman & Vigna's xoroshiro64 linear engine (step, then output s0), written from the paper with
+    Python ints."""
     out = []
     mask = 0xFFFFFFFF
     rotl = lambda x, k: ((x << k) | (x >> (32 - k))) & mask
     for _ in range(count):
-        out.append(s0)
         s1 ^= s0
         s0 = rotl(s0, 26) ^ s1 ^ ((s1 << 9) & mask)
         s1 = rotl(s1, 13)
+        out.append(s0)
     return out
 
 
