@@ -85,7 +85,7 @@ class CommandEngine(wiring.Component):
         })
 
     def _region_table(self):
-        """(region, word bytes, words) for the regions WRITE and READ may touch."""
+        """``{region: (word bytes, words, writable, readable)}`` for the regions WRITE and READ may touch."""
         ident = self._id
         lb, tb = lane_bits(ident.lanes), tau_bits(ident.cycles)
         layer_bits = max(1, (ident.layers - 1).bit_length())
@@ -111,7 +111,7 @@ class CommandEngine(wiring.Component):
         seq = Signal(8)
         length = Signal(16)
         buffer = Signal(data.ArrayLayout(8, MAX_REQUEST_PAYLOAD))
-        index = Signal(16)
+        index = Signal(range(MAX_REQUEST_PAYLOAD + 1))
         crc = Signal(16, init=0xFFFF)
         received_crc = Signal(8)
         frame_done = Signal()        # a complete frame (or an early rejection) awaits execution
@@ -220,24 +220,32 @@ class CommandEngine(wiring.Component):
         result = Signal(8)
         # The executor's own copies: the parser may start on the next frame while a response goes out.
         x_code, x_seq, x_length = Signal(8), Signal(8), Signal(16)
-        x_region, x_offset = Signal(8), Signal(24)
+        # Offsets are checked and added in ``span_bits`` bits, enough for the largest region; higher offset
+        # bits only need to be zero.
+        max_words = max(n for _, n, _, _ in regions.values())
+        span_bits = max_words.bit_length()
+        x_region, x_offset, x_offset_fits = Signal(8), Signal(span_bits), Signal()
         region = buffer[0]
         offset = Cat(buffer[1], buffer[2], buffer[3])
-        count = Signal(16)          # words to write / read / send
-        word_index = Signal(16)
+        most_words = max(MAX_READ_COUNT, self._id.fifo_depth + 1, (MAX_REQUEST_PAYLOAD - 4) // 2, 3)
+        count = Signal(range(most_words + 1))        # words to write / read / send
+        word_index = Signal(range(most_words + 1))
         wb = Signal(4)              # bytes per word of the region
         payload_len = Signal(16)
         samples_sent = Signal(32)
         status_regs = Signal(data.ArrayLayout(32, 3))   # fabric STATUS, OP_INDEX, SWEEPS
-        read_word = Signal(64)
-        out_pos = Signal(16)        # payload byte being sent
+        read_word = Signal(len(self.bus.r_data))
+        out_pos = Signal(range(max(len(identity), StatusReport.size(), 4) + 2))   # payload byte being sent
+        word_addr = Signal(span_bits)                   # offset of the word a WRITE or READ is at
+        m.d.comb += word_addr.eq(x_offset + word_index)
         byte_in_word = Signal(4)
         tx_crc = Signal(16)
         sample_word = Signal(8 * swb)
 
         def region_info(signal):
             """(known, word bytes, words, writable, readable) of a region number, as logic."""
-            known, wbytes, words, writable, readable = Signal(), Signal(4), Signal(17), Signal(), Signal()
+            known, wbytes, words, writable, readable = (Signal(), Signal(4), Signal(range(max_words + 1)), Signal(),
+                                                        Signal())
             with m.Switch(signal):
                 for reg, (b, n, w, r) in regions.items():
                     with m.Case(int(reg)):
@@ -269,7 +277,8 @@ class CommandEngine(wiring.Component):
                 with m.If(frame_done):
                     m.d.comb += taken.eq(1)
                     m.d.sync += [word_index.eq(0), out_pos.eq(0), byte_in_word.eq(0), x_code.eq(code),
-                                 x_seq.eq(seq), x_length.eq(length), x_region.eq(region), x_offset.eq(offset)]
+                                 x_seq.eq(seq), x_length.eq(length), x_region.eq(region), x_offset.eq(offset),
+                                 x_offset_fits.eq(offset[span_bits:] == 0)]
                     with m.If(early_result != Result.OK):
                         m.d.sync += result.eq(early_result)
                         m.next = "REJECT"
@@ -291,8 +300,9 @@ class CommandEngine(wiring.Component):
                 bad_length = Signal()
                 bad_argument = Signal()
                 busy = Signal()
-                last = Signal(25)
-                m.d.comb += last.eq(x_offset + Mux(x_code == Command.READ, buffer[4], 1))
+                last = Signal(max(span_bits, 8) + 1)   # one past the last word a READ or WRITE touches
+                n_words = Signal(range((MAX_REQUEST_PAYLOAD - 4) // 2 + 1))
+                m.d.comb += last.eq(x_offset + Mux(x_code == Command.READ, buffer[4], n_words))
                 with m.Switch(x_code):
                     with m.Case(Command.IDENTIFY, Command.STOP, Command.STATUS, Command.RESET):
                         m.d.comb += bad_length.eq(x_length != 0)
@@ -302,20 +312,19 @@ class CommandEngine(wiring.Component):
                         m.d.comb += bad_length.eq(x_length != 2)
                     with m.Case(Command.WRITE):
                         # Whole words only; the count follows from the length.
-                        n_words = Signal(8)
                         fits = Signal()
                         with m.Switch(Cat(x_length[:4], wbytes, x_length[4:] != 0)):
-                            for b in sorted({info[0] for info in regions.values()}):
+                            for b in sorted({info[0] for info in regions.values() if info[2]}):
                                 for n in range(1, (MAX_REQUEST_PAYLOAD - 4) // b + 1):
                                     with m.Case((4 + n * b) | b << 4):
                                         m.d.comb += [fits.eq(1), n_words.eq(n)]
                         m.d.comb += bad_length.eq(known & ~fits)   # an unknown region is a bad argument
-                        m.d.comb += [bad_argument.eq(~known | ~writable | (x_offset + n_words > words)),
+                        m.d.comb += [bad_argument.eq(~known | ~writable | ~x_offset_fits | (last > words)),
                                      busy.eq(self.running & (x_region != Region.REGS))]
                         m.d.sync += count.eq(n_words)
                     with m.Case(Command.READ):
                         m.d.comb += [bad_length.eq(x_length != 5),
-                                     bad_argument.eq(~known | ~readable | (buffer[4] == 0) |
+                                     bad_argument.eq(~known | ~readable | (buffer[4] == 0) | ~x_offset_fits |
                                                      (buffer[4] > MAX_READ_COUNT) | (last > words)),
                                      busy.eq(self.running & (x_region != Region.REGS))]
                         m.d.sync += count.eq(buffer[4])
@@ -346,7 +355,10 @@ class CommandEngine(wiring.Component):
                     with m.Case(Command.WRITE):
                         m.next = "WRITE"
                     with m.Case(Command.READ):
-                        m.d.sync += payload_len.eq(1 + count * wb)
+                        with m.Switch(wb):   # 1 + count·wb, without a multiplier
+                            for b in sorted({info[0] for info in regions.values() if info[3]}):
+                                with m.Case(b):
+                                    m.d.sync += payload_len.eq(1 + count * b)
                         m.next = "RESP_SYNC0"
                     with m.Case(Command.START):
                         with m.If(resent_start):
@@ -380,14 +392,14 @@ class CommandEngine(wiring.Component):
                 m.next = "RESP_SYNC0"
             with m.State("WRITE"):
                 # One bus write per word, straight from the checked buffer.
-                word = Signal(64)
+                word = Signal(8 * max(info[0] for info in regions.values() if info[2]))
                 with m.Switch(Cat(word_index[:2], wb)):
-                    for b in sorted({info[0] for info in regions.values()}):
+                    for b in sorted({info[0] for info in regions.values() if info[2]}):
                         for k in range(4):
                             if 4 + (k + 1) * b <= MAX_REQUEST_PAYLOAD:
                                 with m.Case(k | b << 2):
                                     m.d.comb += word.eq(Cat(*(buffer[4 + k * b + j] for j in range(b))))
-                m.d.comb += [self.bus.addr.eq(Cat((x_offset + word_index)[:24], x_region)), self.bus.w_data.eq(word),
+                m.d.comb += [self.bus.addr.eq(Cat(word_addr, Const(0, REGION_SHIFT - span_bits), x_region)), self.bus.w_data.eq(word),
                              self.bus.w_en.eq(1)]
                 m.d.sync += word_index.eq(word_index + 1)
                 with m.If(word_index + 1 == count):
@@ -477,7 +489,7 @@ class CommandEngine(wiring.Component):
                         m.next = "RESP_CRC0"
 
             with m.State("READ_FETCH"):
-                m.d.comb += [self.bus.addr.eq(Cat((x_offset + word_index)[:24], x_region)), self.bus.r_en.eq(1)]
+                m.d.comb += [self.bus.addr.eq(Cat(word_addr, Const(0, REGION_SHIFT - span_bits), x_region)), self.bus.r_en.eq(1)]
                 m.next = "READ_TAKE"
             with m.State("READ_TAKE"):
                 m.d.sync += [read_word.eq(self.bus.r_data), byte_in_word.eq(0)]
