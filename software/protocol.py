@@ -30,7 +30,11 @@ The device rejects, with an error ``Result`` and no change to any memory: a bad 
 command, a length that does not fit the command or exceeds ``MAX_REQUEST_PAYLOAD``, an unknown
 region or an out-of-range offset or count, memory access while a sequence runs (``BUSY``), and a frame
 whose bytes stop arriving for ``TIMEOUT_BIT_TIMES`` bit times. It hunts for the next sync after any of
-them. Bytes outside frames are ignored (and counted).
+them. Bytes outside frames are ignored.
+
+Flow control: the host may pipeline WRITEs (each response is shorter than its request); any other request
+waits for its response. A START that repeats the sequence number of the request executed just before is
+a resend and does not start the fabric again. See ``docs/protocol.md``.
 """
 
 from __future__ import annotations
