@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml setup.py software/_kernel.c
 	$(PY) -m pip install --quiet --disable-pip-version-check --editable '.[test]'
 	touch $(STAMP)
 
+# The demo ends with the iCEBreaker bitstream (yowasp flow, a few minutes); it fails, with the numbers, if the
+# design does not fit the UP5K or misses its clock.
 demo: $(STAMP)
 	$(VENV)/bin/opentsu demo
+	$(VENV)/bin/opentsu build --board icebreaker -o out/demo/icebreaker
 
 test: $(STAMP)
 	PYTHONWARNINGS=error $(PY) -m pytest -q

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the quick-start demonstration")
     p.add_argument("--out", default="out/demo", help="directory for the demo's files")
     p.set_defaults(func=cmd_demo)
+
+    from .build import register as register_build  # opentsu build, flash, export-verilog (boards/)
+    register_build(sub)
     return parser
 
 
