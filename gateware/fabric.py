@@ -49,16 +49,18 @@ BusSignature = wiring.Signature({
     "r_data": In(32),
     "r_valid": In(1),
 })
-"""Host access to the fabric, from the master's side. A write takes effect in the cycle ``w_en`` is high;
-a read returns ``r_data`` with ``r_valid`` in the next cycle. Addresses are ``devicemap.address``.
-While a sequence runs only REGS may be read; memory reads then return 0."""
+"""Host access to the fabric, from the master's side. A write is one cycle with ``w_en`` high; a read is
+one cycle with ``r_en`` high, answered some cycles later by one cycle of ``r_valid`` with ``r_data``
+(the master waits for it). Addresses are ``devicemap.address``. While a sequence runs only REGS may be
+read; memory reads then return 0."""
 
 
 class ScratchBanks(wiring.Component):
     """``banks`` single-port memories of 16-bit words sharing one address: one access per cycle each.
 
-    Built from ``ram.RAM`` (generic or iCE40 EBR); the iCE40UP5K uses ``ice40.SPRAMBanks`` instead, with the
-    same timing: read data the cycle after the address; a cycle reads or writes, never both.
+    ``w_en`` has two bits per bank, one per byte (bank b's low byte is bit 2b). Built from ``ram.RAM``
+    (generic or iCE40 EBR); the iCE40UP5K uses ``ice40.SPRAMBanks`` instead, with the same timing: read data
+    the cycle after the address; a cycle reads or writes, never both.
     """
 
     def __init__(self, banks: int, depth: int, target: str = "generic"):
@@ -67,7 +69,7 @@ class ScratchBanks(wiring.Component):
             "addr": In(range(depth)),
             "r_en": In(1),
             "r_data": Out(data.ArrayLayout(16, banks)),
-            "w_en": In(banks),
+            "w_en": In(2 * banks),
             "w_data": In(data.ArrayLayout(16, banks)),
         })
 
@@ -82,10 +84,11 @@ class ScratchBanks(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         for b in range(self._banks):
-            ram = RAM(16, self._depth, target=self._target)
+            ram = RAM(16, self._depth, 8, target=self._target)
             m.submodules[f"bank{b}"] = ram
             m.d.comb += [ram.r_addr.eq(self.addr), ram.r_en.eq(self.r_en), self.r_data[b].eq(ram.r_data),
-                         ram.w_addr.eq(self.addr), ram.w_data.eq(self.w_data[b]), ram.w_en.eq(self.w_en[b])]
+                         ram.w_addr.eq(self.addr), ram.w_data.eq(self.w_data[b]),
+                         ram.w_en.eq(self.w_en[2 * b:2 * b + 2])]
         return m
 
 
@@ -162,7 +165,8 @@ class Fabric(wiring.Component):
         g = self._g
         L, C, D, P = g.lanes, g.cycles, g.degree, g.latency
         theta_stage = SpinSum.theta_stage_for(P)    # SpinSum reads θ in this stage
-        lead = Threshold.LATENCY - theta_stage      # front → stage A, in steps
+        word_at = 1                                 # a draw's word is in the generator one step later
+        lead = word_at + Threshold.LATENCY - theta_stage   # front → stage A, in steps
         depth = lead + P - 1
         wbits = WEIGHT.bits
         tbits, lbits = tau_bits(C), lane_bits(L)
@@ -218,7 +222,12 @@ class Fabric(wiring.Component):
         read_rotate = Signal()
 
         # ---------------------------------------------------------------- update stream
+        # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
+        # elsewhere the pipeline holds no token and stepping it is harmless. Keeping `step` a flip-flop
+        # (it is the clock enable of every pipeline register) keeps the FSM off those paths.
+        stall = Signal()
         step = Signal()
+        m.d.comb += step.eq(~stall)
         f_valid = Signal()
         f_tau = Signal(range(C))
         f_randomize = Signal()
@@ -237,12 +246,12 @@ class Fabric(wiring.Component):
 
         scratch_addr = Signal(range(scratch_depth))
         scratch_ren = Signal()
-        scratch_wen = Signal(banks)
+        scratch_wen = Signal(2 * banks)     # one enable per byte
         scratch_wdata = Signal(data.ArrayLayout(16, banks))
         m.d.comb += [scratch.addr.eq(scratch_addr), scratch.r_en.eq(scratch_ren), scratch.w_en.eq(scratch_wen),
                      scratch.w_data.eq(scratch_wdata)]
-        bias_at = Threshold.LATENCY - 1               # the threshold samples the bias at this delay
-        with m.If(running & step):  # RANDOMIZE tokens read the layer's clamp row instead of its biases
+        bias_at = word_at + Threshold.LATENCY - 1     # the threshold samples the bias at this delay
+        with m.If(step & valid[bias_at - 1]):  # RANDOMIZE tokens read the layer's clamp row, not its biases
             rand = randomize[bias_at - 1]
             m.d.comb += [scratch_ren.eq(1),
                          scratch_addr.eq(scratch_address(Cat(rand, rand), Mux(rand, Cat(taus[bias_at - 1], layer),
@@ -252,8 +261,7 @@ class Fabric(wiring.Component):
             bank, half = lane // 2, lane % 2
             threshold = Threshold(D)
             m.submodules[f"threshold{lane}"] = threshold
-            m.d.comb += [threshold.en.eq(step), threshold.word_next.eq(rng.next_words[lane]),
-                         threshold.word.eq(rng.words[lane]),
+            m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
             sel_a, _ = station_rom(taus[lead], lane, "a")
             sel_c, idle_c = station_rom(taus[depth], lane, "c")
@@ -265,8 +273,8 @@ class Fabric(wiring.Component):
                          torus.write[lane].eq(step & valid[depth] & ~idle_c), torus.sel_w[lane].eq(sel_c),
                          torus.value[lane].eq(spin_sum.spin)]
             if spin_sum.uses_borrow:
-                # The last negative spin leaves stage A and must meet θ's final stage (front + 3).
-                borrow = _delay_line(m, spin_sum.borrow, (Threshold.LATENCY - 1) - lead, step, f"borrow{lane}")[-1]
+                # The last negative spin leaves stage A and must meet θ's final stage.
+                borrow = _delay_line(m, spin_sum.borrow, bias_at - lead, step, f"borrow{lane}")[-1]
                 m.d.comb += threshold.borrow.eq(borrow)
 
         # ---------------------------------------------------------------- read passes
@@ -284,7 +292,6 @@ class Fabric(wiring.Component):
         thin = Signal(ARG_BITS, init=1)
         captures_left = Signal(ARG_BITS)
         load_phase = Signal(2)
-        node_words = Signal(data.ArrayLayout(16, banks))
         after_drain = Signal(2)
         AFTER_FETCH, AFTER_CAPTURE, AFTER_END = 0, 1, 2
         m.d.comb += seq.r_en.eq(1)
@@ -301,6 +308,7 @@ class Fabric(wiring.Component):
                 m.d.sync += op_low.eq(seq.r_data)
                 m.next = f"{prefix}FETCH2"
             with m.State(f"{prefix}FETCH2"):
+                m.d.sync += stall.eq(0)
                 code = seq.r_data[ARG_BITS - 16:]
                 arg = Cat(op_low, seq.r_data)[:ARG_BITS]
                 m.d.sync += [op_code.eq(code), op_arg.eq(arg)]
@@ -324,7 +332,6 @@ class Fabric(wiring.Component):
 
         with m.FSM(name="sequencer"):
             with m.State("IDLE"):
-                m.d.comb += step.eq(1)
                 with m.If(start_pulse):
                     m.d.sync += [running.eq(1), op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0),
                                  thin.eq(1), f_tau.eq(0), seed_step.eq(0)]
@@ -364,7 +371,7 @@ class Fabric(wiring.Component):
                     m.next = "FINISH"
 
             with m.State("STREAM"):
-                m.d.comb += [step.eq(1), f_valid.eq(1)]
+                m.d.comb += f_valid.eq(1)
                 m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
                 with m.If(f_tau == C - 1):
                     m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
@@ -372,17 +379,16 @@ class Fabric(wiring.Component):
                         m.d.sync += after_drain.eq(AFTER_END)
                         m.next = "DRAIN"
                     with m.Elif(sweeps_left == 1):
+                        m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
                         m.next = "STREAM_FETCH0"
 
             # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
             fetch("STREAM_", go("STREAM"), drain_then_decode)
 
             with m.State("DRAIN"):
-                m.d.comb += step.eq(1)
                 with m.If(~in_flight):
                     m.next = "REALIGN"
             with m.State("REALIGN"):
-                m.d.comb += step.eq(1)
                 with m.If(frame != 0):
                     m.d.comb += read_rotate.eq(1)
                 with m.Else():
@@ -396,25 +402,28 @@ class Fabric(wiring.Component):
                             m.next = "STOPPED"
 
             with m.State("LOAD"):
-                # Three cycles per τ: the two node words of every bank, then the selected biases.
+                # Four cycles per τ: each bank's node word for its even lane, write that lane's bias byte;
+                # then the same for the odd lane. The node word holds both candidate biases
+                # (formats.node_words): the spin at the lane's station picks one.
                 with m.Switch(load_phase):
-                    with m.Case(0):
-                        m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(0))]
-                        m.d.sync += load_phase.eq(1)
-                    with m.Case(1):
-                        m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(1))]
-                        m.d.sync += [node_words.eq(scratch.r_data), load_phase.eq(2)]
-                    with m.Case(2):
-                        for lane in range(L):
-                            bank, half = lane // 2, lane % 2
-                            word = node_words[bank] if half == 0 else scratch.r_data[bank]
-                            m.d.comb += scratch_wdata[bank][8 * half:8 * half + 8].eq(
-                                Mux(here[lane], word[:8], word[8:]))
-                        m.d.comb += [scratch_wen.eq(-1), scratch_addr.eq(scratch_address(0, frame)),
-                                     read_rotate.eq(1)]
-                        m.d.sync += load_phase.eq(0)
-                        with m.If(frame == C - 1):
-                            m.next = "FETCH0"
+                    for phase in range(4):
+                        with m.Case(phase):
+                            half = phase // 2
+                            if phase % 2 == 0:
+                                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(half))]
+                            else:
+                                for lane in range(half, L, 2):
+                                    bank = lane // 2
+                                    word = scratch.r_data[bank]
+                                    m.d.comb += scratch_wdata[bank][8 * half:8 * half + 8].eq(
+                                        Mux(here[lane], word[:8], word[8:]))
+                                m.d.comb += [scratch_addr.eq(scratch_address(0, frame)),
+                                             scratch_wen.eq(sum(1 << (2 * b + half) for b in range(banks)))]
+                                if half == 1:
+                                    m.d.comb += read_rotate.eq(1)
+                                    with m.If(frame == C - 1):
+                                        m.next = "FETCH0"
+                            m.d.sync += load_phase.eq(phase + 1 if phase < 3 else 0)
 
             with m.State("CAPTURE"):
                 m.d.comb += self.samples.valid.eq(1)
@@ -428,7 +437,7 @@ class Fabric(wiring.Component):
                         with m.Else():
                             m.next = "FETCH0"
             with m.State("CAPTURE_SWEEPS"):
-                m.d.comb += [step.eq(1), f_valid.eq(1)]
+                m.d.comb += f_valid.eq(1)
                 m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
                 with m.If(f_tau == C - 1):
                     m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
@@ -437,7 +446,6 @@ class Fabric(wiring.Component):
                         m.next = "DRAIN"
 
             with m.State("FINISH"):
-                m.d.comb += step.eq(1)
                 m.d.sync += after_drain.eq(AFTER_END)
                 m.next = "DRAIN"
             with m.State("STOPPED"):
@@ -448,12 +456,18 @@ class Fabric(wiring.Component):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
-        region = self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8]
-        offset = self.bus.addr[:REGION_SHIFT]
+        # The bus is registered on the way in: its decode then starts from flip-flops, off the master's
+        # paths. Writes land a cycle later; read data comes two cycles after `r_en`, with `r_valid`.
+        bus_addr, bus_w_data = Signal.like(self.bus.addr), Signal.like(self.bus.w_data)
+        bus_w_en, bus_r_en = Signal(), Signal()
+        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data), bus_w_en.eq(self.bus.w_en),
+                     bus_r_en.eq(self.bus.r_en)]
+        region = bus_addr[REGION_SHIFT:REGION_SHIFT + 8]
+        offset = bus_addr[:REGION_SHIFT]
         lane_field = offset[:lbits]
         tau_field = offset[lbits:lbits + tbits]
         layer_field = offset[lbits + tbits:lbits + tbits + layer_bits]
-        memory_write = self.bus.w_en & (region != Region.REGS)
+        memory_write = bus_w_en & (region != Region.REGS)
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
         idle_write = memory_write & ~running
@@ -461,42 +475,42 @@ class Fabric(wiring.Component):
         def node_address(lane_bit):
             return scratch_address(2, Cat(lane_bit, tau_field, layer_field))
 
-        m.d.comb += [weights.w_addr.eq(Cat(tau_field, layer_field)), weights.w_data.eq(self.bus.w_data[:wbits * D].replicate(L))]
+        m.d.comb += [weights.w_addr.eq(Cat(tau_field, layer_field)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
         with m.If(idle_write & (region == Region.WEIGHTS)):
             m.d.comb += weights.w_en.eq(1 << lane_field)
         with m.If(idle_write & (region == Region.PARAMS)):
             m.d.comb += [scratch_addr.eq(node_address(lane_field[0])),
-                         scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
-                         scratch_wen.eq(1 << (lane_field >> 1))]
+                         scratch_wdata.eq(bus_w_data[:16].replicate(banks)),
+                         scratch_wen.eq(0b11 << Cat(Const(0, 1), lane_field >> 1))]
         bbits = bank_bits(L)
         with m.If(idle_write & (region == Region.CLAMPS)):
             m.d.comb += [scratch_addr.eq(scratch_address(3, Cat(offset[bbits:bbits + tbits],
                                                                  offset[bbits + tbits:bbits + tbits + layer_bits]))),
-                         scratch_wdata.eq(self.bus.w_data[:16].replicate(banks)),
-                         scratch_wen.eq(1 << offset[:bbits])]
+                         scratch_wdata.eq(bus_w_data[:16].replicate(banks)),
+                         scratch_wen.eq(0b11 << Cat(Const(0, 1), offset[:bbits]))]
         with m.If(idle_write & (region == Region.SEEDS)):
             m.d.comb += [scratch_addr.eq(scratch_address(1, offset[:SEED_STEPS.bit_length() - 1])),
-                         scratch_wdata[0].eq(self.bus.w_data[:16]), scratch_wen.eq(1)]
-        m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(self.bus.w_data[:16])]
+                         scratch_wdata[0].eq(bus_w_data[:16]), scratch_wen.eq(0b11)]
+        m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
         with m.If(idle_write & (region == Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
-        with m.If(self.bus.w_en & (region == Region.REGS)):
+        with m.If(bus_w_en & (region == Region.REGS)):
             with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
-                    m.d.sync += [start_pulse.eq(self.bus.w_data[_bit(Control.START)] & ~running),
-                                 stop_pulse.eq(self.bus.w_data[_bit(Control.STOP)])]
+                    m.d.sync += [start_pulse.eq(bus_w_data[_bit(Control.START)] & ~running),
+                                 stop_pulse.eq(bus_w_data[_bit(Control.STOP)])]
                 with m.Case(Reg.FLAGS):
-                    m.d.sync += flags.eq(self.bus.w_data[:8])
+                    m.d.sync += flags.eq(bus_w_data[:8])
                 with m.Case(Reg.STATUS):  # write ones to clear sticky bits
-                    m.d.sync += sticky.eq(sticky & ~self.bus.w_data[:8])
+                    m.d.sync += sticky.eq(sticky & ~bus_w_data[:8])
 
         read_region = Signal(8)
         read_offset = Signal(4)
         read_bank = Signal(range(banks))
         read_memory_ok = Signal()
-        m.d.sync += self.bus.r_valid.eq(self.bus.r_en)
-        with m.If(self.bus.r_en):
+        m.d.sync += self.bus.r_valid.eq(bus_r_en)
+        with m.If(bus_r_en):
             m.d.sync += [read_region.eq(region), read_offset.eq(offset), read_bank.eq(lane_field >> 1),
                          read_memory_ok.eq(~running)]
             with m.If(~running & (region == Region.PARAMS)):

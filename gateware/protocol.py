@@ -412,13 +412,14 @@ class CommandEngine(wiring.Component):
                              self.bus.r_en.eq(1)]
                 m.next = "STATUS_TAKE"
             with m.State("STATUS_TAKE"):
-                m.d.sync += status_regs[word_index[:2]].eq(self.bus.r_data)
-                with m.If(word_index == 2):
-                    m.d.sync += payload_len.eq(1 + StatusReport.size())
-                    m.next = "RESP_SYNC0"
-                with m.Else():
-                    m.d.sync += word_index.eq(word_index + 1)
-                    m.next = "STATUS_READ"
+                with m.If(self.bus.r_valid):   # the fabric answers a few cycles later
+                    m.d.sync += status_regs[word_index[:2]].eq(self.bus.r_data)
+                    with m.If(word_index == 2):
+                        m.d.sync += payload_len.eq(1 + StatusReport.size())
+                        m.next = "RESP_SYNC0"
+                    with m.Else():
+                        m.d.sync += word_index.eq(word_index + 1)
+                        m.next = "STATUS_READ"
 
             # ---- response: sync, header, payload, CRC
             with m.State("RESP_SYNC0"):
@@ -492,8 +493,9 @@ class CommandEngine(wiring.Component):
                 m.d.comb += [self.bus.addr.eq(Cat(word_addr, Const(0, REGION_SHIFT - span_bits), x_region)), self.bus.r_en.eq(1)]
                 m.next = "READ_TAKE"
             with m.State("READ_TAKE"):
-                m.d.sync += [read_word.eq(self.bus.r_data), byte_in_word.eq(0)]
-                m.next = "READ_SEND"
+                with m.If(self.bus.r_valid):   # the fabric answers a few cycles later
+                    m.d.sync += [read_word.eq(self.bus.r_data), byte_in_word.eq(0)]
+                    m.next = "READ_SEND"
             with m.State("READ_SEND"):
                 send(read_word.word_select(byte_in_word, 8), "READ_SEND")
                 with m.If(self.tx.ready):

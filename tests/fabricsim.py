@@ -25,8 +25,11 @@ async def bus_read(ctx, dut, region, offset):
     ctx.set(dut.bus.r_en, 1)
     await ctx.tick()
     ctx.set(dut.bus.r_en, 0)
-    assert ctx.get(dut.bus.r_valid)
-    return ctx.get(dut.bus.r_data)
+    for _ in range(4):  # the answer comes a few cycles later, marked by r_valid
+        if ctx.get(dut.bus.r_valid):
+            return ctx.get(dut.bus.r_data)
+        await ctx.tick()
+    raise AssertionError("the fabric did not answer a bus read")
 
 
 def vcd(name):
@@ -52,7 +55,7 @@ def run_chains(program, ops, seed, chains=(0,), extra=None, name="fabric", max_c
                 await bus_write(ctx, dut, region, offset, value)
             await bus_write(ctx, dut, Region.REGS, Reg.CONTROL, Control.START)
             ctx.set(dut.samples.ready, 1)
-            for _ in range(4):  # START is registered: the run begins within a few cycles
+            for _ in range(6):  # START is registered: the run begins within a few cycles
                 if ctx.get(dut.running):
                     break
                 await ctx.tick()
