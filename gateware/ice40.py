@@ -16,7 +16,8 @@ class SPRAMBanks(wiring.Component):
     """``fabric.ScratchBanks`` on iCE40UP5K single-port RAMs (one ``SB_SPRAM256KA`` per bank).
 
     Same ports and timing as the generic banks: read data the cycle after the address; a cycle either reads
-    or writes. Simulation cannot run the primitive; simulate with ``ScratchBanks``.
+    or writes; ``w_en`` has one bit per byte (the SPRAM's nibble masks take them in pairs). Simulation
+    cannot run the primitive; simulate with ``ScratchBanks``.
     """
 
     def __init__(self, banks: int, depth: int):
@@ -29,7 +30,7 @@ class SPRAMBanks(wiring.Component):
             "addr": In(range(depth)),
             "r_en": In(1),
             "r_data": Out(data.ArrayLayout(16, banks)),
-            "w_en": In(banks),
+            "w_en": In(2 * banks),
             "w_data": In(data.ArrayLayout(16, banks)),
         })
 
@@ -48,8 +49,8 @@ class SPRAMBanks(wiring.Component):
                 "SB_SPRAM256KA",
                 i_ADDRESS=self.addr,
                 i_DATAIN=self.w_data[b],
-                i_MASKWREN=Const(0b1111, 4),
-                i_WREN=self.w_en[b],
+                i_MASKWREN=Cat(self.w_en[2 * b], self.w_en[2 * b], self.w_en[2 * b + 1], self.w_en[2 * b + 1]),
+                i_WREN=self.w_en[2 * b:2 * b + 2].any(),
                 i_CHIPSELECT=Const(1, 1),
                 i_CLOCK=ClockSignal(),
                 i_STANDBY=Const(0, 1),

@@ -21,12 +21,9 @@ def theta_bits(degree: int) -> int:
 class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
-    Timing, counted in enabled cycles (``en`` high): a draw happens at the end of step t. Its word is
-    read twice: ``word_next`` (the generator's next word) at the end of step t, for the octave, and
-    ``word`` (the generator's current word, which by then is the drawn one) during step t + 1, for the
-    fold bit and the mantissa, so they need no copy. ``bias`` and ``borrow`` are sampled at the end of
-    step t + ``LATENCY`` - 1, and ``theta = Z - bias - borrow`` holds the result during step
-    t + ``LATENCY``. Each stage holds at most one carry chain; the borrow is the carry
+    Timing, counted in enabled cycles (``en`` high): ``word`` is sampled at the end of step t, ``bias``
+    and ``borrow`` at the end of step t + ``LATENCY`` - 1, and ``theta = Z - bias - borrow`` holds the
+    result during step t + ``LATENCY``. Each stage holds at most one carry chain; the borrow is the carry
     of the last one, so it is free. With ``en`` low every stage holds.
 
     Clamps need no logic here: a clamped node has a zero weight row and the bias code ±127, which puts θ
@@ -36,8 +33,7 @@ class Threshold(wiring.Component):
     Ports
     -----
     en : In(1)            advance the pipeline
-    word_next : In(32)    the lane generator's next word (``LaneRNG.next_words``)
-    word : In(32)         the lane generator's current word (``LaneRNG.words``)
+    word : In(32)         the lane's random word (``LaneRNG.words`` the step after a draw)
     bias : In(8)          effective bias code (two's complement)
     borrow : In(1)        subtracted too: the spin path's last negative spin (see ``SpinSum``)
     theta : Out(signed)   ``theta_bits(degree)`` wide
@@ -50,7 +46,6 @@ class Threshold(wiring.Component):
         self._bits = theta_bits(degree)
         super().__init__({
             "en": In(1, init=1),
-            "word_next": In(32),
             "word": In(32),
             "bias": In(EFFECTIVE_BIAS.bits),
             "borrow": In(1),
@@ -62,19 +57,19 @@ class Threshold(wiring.Component):
         p = PBIT
         lo_table, bound_tables = p.tables
 
-        # Stage 1: the octave is the leading-zero count of the drawn word's octave field.
+        # Stage 1: split the word; the octave is the leading-zero count of the octave field.
+        fold1 = Signal()
         octave1 = Signal(range(p.octaves))
-        field = self.word_next[p.exp_lsb:p.exp_lsb + p.exp_bits]
+        mant1 = Signal(p.mant_bits)
+        field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
         m.d.comb += octave.eq(p.exp_bits)
         for bit in range(p.exp_bits):  # later (higher) bits win: the leading one decides
             with m.If(field[bit]):
                 m.d.comb += octave.eq(p.exp_bits - 1 - bit)
         with m.If(self.en):
-            m.d.sync += octave1.eq(octave)
-        # The fold bit and the mantissa come from the generator's register itself in stage 2.
-        fold1 = self.word[p.fold_bit]
-        mant1 = self.word[p.mant_lsb:p.mant_lsb + p.mant_bits]
+            m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
+                         mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
         # Stage 2: per octave, the folded base (1 - LO in the upper half) and the mantissa comparisons.
         # A bound that is nonzero in a single octave becomes a constant comparison gated by that octave.

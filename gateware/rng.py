@@ -24,9 +24,7 @@ class LaneRNG(wiring.Component):
     Ports
     -----
     words : Out(ArrayLayout(32, lanes))
-        Each lane's current word ``s0``: the word of the last draw.
-    next_words : Out(ArrayLayout(32, lanes))
-        The word the next draw will give (``s0'``, combinational).
+        Each lane's current word ``s0``: the word of the last draw (registered).
     advance : In(1)
         Draw: step every generator at the end of this cycle.
     inject : In(lanes)
@@ -47,7 +45,6 @@ class LaneRNG(wiring.Component):
         self._lanes = lanes
         super().__init__({
             "words": Out(data.ArrayLayout(RNG_WORD_BITS, lanes)),
-            "next_words": Out(data.ArrayLayout(RNG_WORD_BITS, lanes)),
             "advance": In(1),
             "inject": In(lanes),
             "reset": In(1),
@@ -70,11 +67,11 @@ class LaneRNG(wiring.Component):
         for lane in range(self._lanes):
             s0 = Signal(32, name=f"s0_{lane}", init=reset0)
             u = Signal(32, name=f"u_{lane}", init=reset0 ^ reset1)
-            s0_next = Signal(32, name=f"s0_next_{lane}")
-            m.d.comb += [s0_next.eq(_rotl(s0, 26) ^ u ^ (u << 9)[:32]),
-                         self.words[lane].eq(s0), self.next_words[lane].eq(s0_next)]
+            m.d.comb += self.words[lane].eq(s0)
+            shared = u ^ (u << 9)[:32]
             with m.If(self.reset):
                 m.d.sync += [s0.eq(reset0), u.eq(reset0 ^ reset1)]
             with m.Elif(self.advance):
-                m.d.sync += [s0.eq(s0_next), u.eq(s0_next ^ _rotl(u, 13) ^ entropy[lane])]
+                m.d.sync += [s0.eq(_rotl(s0, 26) ^ shared),
+                             u.eq(_rotl(s0, 26) ^ _rotl(u, 13) ^ shared ^ entropy[lane])]
         return m

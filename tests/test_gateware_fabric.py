@@ -165,7 +165,6 @@ def test_lane_rng_seeds_by_injection_and_is_the_software_stream():
         s0, s1 = states[:, 0].copy(), states[:, 1].copy()
         for step in range(600):
             word, s0, s1 = xoroshiro64_step(s0, s1)
-            assert [ctx.get(dut.next_words[lane]) for lane in range(lanes)] == word.tolist(), step
             await ctx.tick()   # the draw
             assert [ctx.get(dut.words[lane]) for lane in range(lanes)] == word.tolist(), step
 
@@ -188,9 +187,7 @@ def test_threshold_unit_is_the_pbit_rule():
         late = Threshold.LATENCY - 1  # the bias and the borrow are sampled this many steps after the word
         for k in range(len(words) + Threshold.LATENCY):
             if k < len(words):
-                ctx.set(dut.word_next, int(words[k]))   # drawn at the end of step k ...
-            if 1 <= k <= len(words):
-                ctx.set(dut.word, int(words[k - 1]))    # ... and held by the generator during step k + 1
+                ctx.set(dut.word, int(words[k]))
             if late <= k < len(words) + late:
                 ctx.set(dut.bias, int(biases[k - late]) & 0xFF)
                 ctx.set(dut.borrow, int(borrows[k - late]))
