@@ -18,6 +18,13 @@ CLAMPS     ``row(layer, τ) << bank_bits | bank`` (bank = lane/2)  16 bits: the 
                                                                   for lanes 2·bank (7..0) and
                                                                   2·bank+1 (15..8): 0, or the clamp
                                                                   code ±127 of a clamped node
+MOMENTS    ``(kind << tau_bits | τ) << lane_bits | lane``          16 bits, read only: over the
+                                                                  samples ACCUMULATE counted
+                                                                  (``Reg.MOMENT_SAMPLES``), kind 0
+                                                                  counts s = +1 of the node at
+                                                                  (τ, lane), kind k >= 1 counts
+                                                                  s_i = s_j with its neighbour
+                                                                  along ``moment_offsets()[k-1]``
 =========  =====================================================  ==============================
 
 with ``row(layer, τ) = layer << tau_bits | τ`` (bit fields, so the gateware decodes them without adders).
@@ -28,17 +35,20 @@ from __future__ import annotations
 
 import enum
 
-from .formats import WEIGHT
+from .formats import SEED_STEPS, WEIGHT
 
 __all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "bank_bits", "tau_bits", "row", "program_writes", "seed_writes",
            "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS", "address", "split_address",
-           "region_word_bits", "SEQUENCE_DEPTH"]
+           "region_word_bits", "region_words", "moment_kinds", "WRITABLE", "READABLE", "SEQUENCE_DEPTH",
+           "MOMENT_LIMIT"]
 
 #: Region number sits above this bit of a bus address.
 REGION_SHIFT = 24
 OFFSET_BITS = REGION_SHIFT
 #: Ops the sequence memory holds.
 SEQUENCE_DEPTH = 64
+#: ACCUMULATE counts at most this many samples per run, so no 16-bit moment counter can wrap.
+MOMENT_LIMIT = (1 << 16) - 1
 
 
 class Region(enum.IntEnum):
@@ -59,6 +69,7 @@ class Reg(enum.IntEnum):
     OP_INDEX = 2    # read: index of the op running (or last run)
     SWEEPS = 3      # read: sweeps issued since start (24 bits, wraps)
     FLAGS = 4       # read/write: run flags (Flags)
+    MOMENT_SAMPLES = 5  # read: samples ACCUMULATE has counted since START (stops at MOMENT_LIMIT)
 
 
 class Control(enum.IntFlag):
@@ -90,6 +101,32 @@ def bank_bits(lanes: int) -> int:
 def tau_bits(cycles: int) -> int:
     """Bits of the τ field of a row."""
     return max(1, (cycles - 1).bit_length())
+
+
+def moment_kinds(degree: int) -> int:
+    """Counters per node in MOMENTS: one for s = +1, one per edge it owns (half its degree)."""
+    return 1 + degree // 2
+
+
+def region_words(region: Region, lanes: int, cycles: int, degree: int, layers: int) -> int:
+    """Words the host may address in ``region`` on a fabric of these parameters (offsets 0 .. words-1,
+    with holes where a field is not a power of two)."""
+    layer_bits = max(1, (layers - 1).bit_length())
+    rows = 1 << (tau_bits(cycles) + layer_bits)
+    return {
+        Region.REGS: len(Reg),
+        Region.WEIGHTS: rows << lane_bits(lanes),
+        Region.PARAMS: rows << lane_bits(lanes),
+        Region.SEEDS: SEED_STEPS,
+        Region.SEQUENCE: 2 * SEQUENCE_DEPTH,
+        Region.MOMENTS: moment_kinds(degree) << (tau_bits(cycles) + lane_bits(lanes)),
+        Region.CLAMPS: rows << bank_bits(lanes),
+    }[region]
+
+
+#: Regions the host may write while no sequence runs (REGS may always be written), and may read.
+WRITABLE = frozenset({Region.REGS, Region.WEIGHTS, Region.PARAMS, Region.SEEDS, Region.SEQUENCE, Region.CLAMPS})
+READABLE = frozenset({Region.REGS, Region.PARAMS, Region.SEQUENCE, Region.MOMENTS})
 
 
 def row(layer: int, tau: int, cycles: int) -> int:
