@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opentsu-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean verilator
 
 install: $(STAMP)
 
@@ -19,8 +19,14 @@ demo: $(STAMP)
 	$(VENV)/bin/opentsu demo
 	$(VENV)/bin/opentsu build --board icebreaker -o out/demo/icebreaker
 
-test: $(STAMP)
+test: $(STAMP) verilator
 	PYTHONWARNINGS=error $(PY) -m pytest -q
+
+# Verilator and a C++ compiler, for `--backend verilator` and its tests: from apt, only when missing.
+verilator:
+	@command -v verilator >/dev/null && command -v g++ >/dev/null || { \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq verilator g++ make; }
 
 clean:
 	rm -rf $(VENV) build out software/*.so *.egg-info

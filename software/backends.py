@@ -2,7 +2,8 @@
 
 Both drive a device through ``opentsu.link.Device``, the same host driver, and differ only in the transport:
 ``sim`` builds ``gateware.device.Device`` for the program's geometry and simulates it bit by bit at its UART
-pins (``link.SimTransport``); ``board`` opens a serial port (``link.SerialTransport``). Chains run one after
+pins (``link.SimTransport``); ``verilator`` runs the same device compiled by Verilator
+(``verilator.VerilatorTransport``); ``board`` opens a serial port (``link.SerialTransport``). Chains run one after
 another on the one device, chain ``c`` seeded as global chain ``c``, which is what the emulator does side by
 side, so the samples are the reference backend's, bit for bit (CONTRACTS.md §2).
 
@@ -40,7 +41,7 @@ def open_device(backend: str, program, port: str | None = None):
     from .link import DeviceRejected, LinkError, ProgramMismatch
     if backend == "board" and not port:
         raise UsageError("--backend board needs --port DEV (the board's serial port)")
-    if backend not in ("sim", "board"):
+    if backend not in ("sim", "verilator", "board"):
         raise DeviceError(f"the {backend} backend is not available in this build")
     if not getattr(program, "on_fabric", False):
         raise UsageError("the model has no grid; only the reference backend runs general graphs")
@@ -50,7 +51,7 @@ def open_device(backend: str, program, port: str | None = None):
         raise DeviceError(_describe(exc, backend, port)) from None
     try:
         from .link import Device
-        timeout = SIM_TIMEOUT if backend == "sim" else BOARD_TIMEOUT
+        timeout = BOARD_TIMEOUT if backend == "board" else SIM_TIMEOUT
         device = Device(transport, timeout=timeout)
         device.reset()
         device.check_program(program)
@@ -67,13 +68,16 @@ def _transport(backend, program, port):
     from .link import SerialTransport, SimTransport
     if backend == "board":
         return SerialTransport(port, BOARD_BAUD)
+    if backend == "verilator":   # the same device, compiled by Verilator (opentsu.verilator), cached per design
+        from .verilator import transport_for
+        return transport_for(program.geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
     from .gateware.device import Device as DeviceTop
     top = DeviceTop(program.geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
     return SimTransport(top, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
 
 
 def _describe(exc, backend, port) -> str:
-    where = f"board on {port}" if backend == "board" else "simulated board"
+    where = {"board": f"board on {port}", "verilator": "Verilator board"}.get(backend, "simulated board")
     return f"{where}: {exc}"
 
 

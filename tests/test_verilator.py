@@ -1,0 +1,276 @@
+"""The Verilator backend: the whole device compiled with Verilator, driven by the host driver over its UART.
+
+The long statistical runs of the gateware live here, because only this path is fast enough for them: a
+sampling distribution through the full device against exact enumeration, and the statistics of the lane
+generators' words. One device build (and one generator build) serves the whole session; both come from
+the build cache after the first run on a machine.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from amaranth.hdl import ClockDomain, Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from opentsu import verilator
+from opentsu.cli import main
+from opentsu.compiler import compile_model
+from opentsu.emulator import Emulator, sample
+from opentsu.exact import moment_errors
+from opentsu.formats import SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
+from opentsu.gateware.rng import LaneRNG
+from opentsu.link import Device
+from opentsu.model import save_model
+from opentsu.sequence import sampling_sequence
+
+from .util import grid_model
+
+#: A frustrated 4×4 torus with two clamped nodes: 14 free spins, enumerable; ``--fabric auto`` gives it a
+#: 4×4 fabric with 8 lanes, 4 cycles a sweep, so a sample is 4 bytes on the UART.
+MODEL = dict(rows=4, cols=4, jumps=((0, 1),), torus=True, seed=71, scale=0.6, field=0.3,
+             clamp=[0] * 6 + [1] + [0] * 8 + [-1])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return grid_model(**MODEL)
+
+
+@pytest.fixture(scope="module")
+def program(model):
+    return compile_model(model, fabric="auto")
+
+
+@pytest.fixture(scope="module")
+def device_build(program):
+    return verilator.build(program.geometry)
+
+
+def open_transport(build):
+    return verilator.VerilatorTransport(build.executable, clock_hz=build.clock_hz, divisor=build.divisor)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+# -- build cache ----------------------------------------------------------------------------------------
+
+def test_second_build_comes_from_the_cache(program, device_build):
+    again = verilator.build(program.geometry)
+    assert not again.built and again.key == device_build.key and again.executable == device_build.executable
+    assert again.seconds < 5, "a cached build must not regenerate Verilog or recompile"
+    assert (device_build.executable.parent / "device.v").read_text().startswith("/*")
+
+
+# -- the transport ----------------------------------------------------------------------------------------
+
+def test_time_is_device_time(device_build):
+    with open_transport(device_build) as transport:
+        assert transport.now() == 0
+        assert transport.read_some(0.001) == b""          # nobody asked anything: silence
+        assert transport.cycles == device_build.clock_hz // 1000
+        transport.idle(0.05)
+        assert transport.now() == pytest.approx(0.051)
+
+
+def test_close_reaps_the_harness(device_build):
+    transport = open_transport(device_build)
+    pid = transport.pid
+    assert not gone(pid)
+    transport.close()
+    assert gone(pid)
+    transport.close()   # closing twice is harmless
+
+
+def test_harness_dies_with_its_host(device_build):
+    host = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from opentsu.verilator import VerilatorTransport\n"
+         "t = VerilatorTransport(sys.argv[1], clock_hz=12_000_000, divisor=4)\n"
+         "print(t.pid, flush=True)\n"
+         "time.sleep(60)\n", str(device_build.executable)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(host.stdout.readline())
+        assert not gone(pid)
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(pid), "the harness outlived its host"
+    finally:
+        host.kill()
+        host.wait()
+        host.stdout.close()
+
+
+def test_a_dead_harness_is_a_link_error(device_build):
+    from opentsu.link import LinkError
+    with open_transport(device_build) as transport:
+        os.kill(transport.pid, signal.SIGKILL)
+        with pytest.raises(LinkError, match="harness exited"):
+            transport.read_some(0.001)
+
+
+# -- missing tools ------------------------------------------------------------------------------------------
+
+def test_missing_verilator_is_reported(program, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("VERILATOR", raising=False)
+    with pytest.raises(verilator.ToolchainError, match="verilator is not installed"):
+        verilator.build(program.geometry)
+
+
+def test_missing_compiler_is_reported(program, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(verilator.ToolchainError, match="no C.. compiler"):
+        verilator.build(program.geometry)
+
+
+def test_cli_reports_a_missing_verilator_in_one_line(model, monkeypatch, tmp_path, capsys):
+    path = tmp_path / "model.npz"
+    save_model(path, model)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("VERILATOR", raising=False)
+    out = tmp_path / "out.npy"
+    assert main(["sample", str(path), "-o", str(out), "--backend", "verilator", "--fabric", "auto", "-n", "4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "verilator is not installed" in err
+    assert not out.exists()
+
+
+# -- sampling -------------------------------------------------------------------------------------------------
+
+def test_cli_sample_is_identical_on_reference_sim_and_verilator(model, device_build, tmp_path):
+    path = tmp_path / "model.npz"
+    save_model(path, model)
+    outputs = {}
+    for backend in ("reference", "verilator", "sim"):
+        out = tmp_path / f"{backend}.npy"
+        args = ["sample", str(path), "-o", str(out), "--backend", backend, "--fabric", "auto", "-n", "30",
+                "--chains", "3", "--burn-in", "4", "--thin", "2", "--seed", "17", "-q"]
+        assert main(args) == 0
+        outputs[backend] = np.load(out)
+    assert outputs["reference"].shape == (30, 16) and outputs["reference"].dtype == np.int8
+    assert np.array_equal(outputs["verilator"], outputs["reference"])
+    assert np.array_equal(outputs["sim"], outputs["reference"])
+
+
+def test_distribution_through_the_device_matches_exact_enumeration(model, program, device_build):
+    chains, per_chain, seed = 8, 12_500, 3
+    ops = sampling_sequence(per_chain, burn_in=20, thin=1)
+    with open_transport(device_build) as transport:
+        device = Device(transport, timeout=0.005)
+        device.load_program(program)
+        runs = [device.run(program, ops, seed=seed, chain=c)[:, program.node_map] for c in range(chains)]
+    samples = np.stack(runs)
+    assert samples.shape == (chains, per_chain, model.n)
+    # Bit for bit what the reference computes, all 10^5 samples of them...
+    reference = sample(program, chains * per_chain, chains=chains, burn_in=20, seed=seed)
+    assert np.array_equal(samples.reshape(-1, model.n), reference)
+    # ...and the right distribution: every mean and edge correlation within 4 standard errors (multi-chain
+    # ESS) of the exact moments.
+    clamped = np.flatnonzero(model.clamp)
+    assert np.all(samples[..., clamped] == model.clamp[clamped])
+    z_mean, z_pair = moment_errors(samples, model)
+    assert np.abs(z_mean).max() < 4, z_mean
+    assert np.abs(z_pair).max() < 4, z_pair
+
+
+# -- lane generators ----------------------------------------------------------------------------------------
+
+LANES, DRAWS = 8, 1 << 18
+
+
+class RNGTop(wiring.Component):
+    """Just ``LaneRNG``, with a clock and no reset, for the ``lane_rng.cpp`` harness."""
+
+    def __init__(self, lanes):
+        self._lanes = lanes
+        self.domain = ClockDomain("sync", reset_less=True)
+        super().__init__({"advance": In(1), "inject": In(lanes), "words": Out(32 * lanes)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = self.domain
+        m.submodules.rng = rng = LaneRNG(self._lanes)
+        m.d.comb += [rng.advance.eq(self.advance), rng.inject.eq(self.inject), self.words.eq(rng.words.as_value())]
+        return m
+
+
+@pytest.fixture(scope="module")
+def lane_words():
+    """(DRAWS, LANES) uint32 words drawn by the gateware generators, seeded as chain 5 of seed 11."""
+    top = RNGTop(LANES)
+    build = verilator.build(None, harness="lane_rng.cpp", top=top, name=f"lane_rng_{LANES}",
+                            ports=[top.domain.clk, top.advance, top.inject, top.words])
+    states = lane_seed_states(11, [5], LANES)[0]
+    bits = [seed_injection(int(s0), int(s1)) for s0, s1 in states]
+    inject = np.array([sum(((bits[lane] >> k) & 1) << lane for lane in range(LANES)) for k in range(SEED_STEPS)],
+                      dtype="<u4")
+    run = subprocess.run([str(build.executable), "--draws", str(DRAWS)], input=inject.tobytes(),
+                         capture_output=True, check=True)
+    return np.frombuffer(run.stdout, dtype="<u4").reshape(DRAWS, LANES), states
+
+
+def test_gateware_generators_follow_the_reference(lane_words):
+    words, states = lane_words
+    s0, s1 = states[:, 0].copy(), states[:, 1].copy()
+    for k in range(2000):
+        expected, s0, s1 = xoroshiro64_step(s0, s1)
+        assert np.array_equal(words[k], expected), k
+
+
+def test_gateware_generator_correlations(lane_words):
+    words, _ = lane_words
+    u = (words.astype(np.float64) + 0.5) / 2.0 ** 32
+    z = (u - u.mean(axis=0)) / u.std(axis=0)
+    worst = 0.0
+    for lag in range(1, 9):
+        lagged = (z[lag:] * z[:-lag]).mean(axis=0)
+        worst = max(worst, np.abs(lagged).max())
+        assert np.abs(lagged).max() < 0.01, (lag, lagged)
+    cross = (z.T @ z) / len(z)
+    off = cross[~np.eye(LANES, dtype=bool)]
+    assert np.abs(off).max() < 0.01, cross
+    # The p-bit reads the fold bit (31) on its own: it must be unbiased and uncorrelated too.
+    fold = ((words >> 31) & 1).astype(np.float64) * 2 - 1
+    assert np.abs(fold.mean(axis=0)).max() < 0.01
+    assert np.abs((fold[1:] * fold[:-1]).mean(axis=0)).max() < 0.01
+
+
+def chi2_z(stat, dof):
+    """Standard-normal score of a chi-square statistic (Wilson-Hilferty): large when the counts are too
+    uneven, very negative when they are too even to be random."""
+    k = 2 / (9 * dof)
+    return ((np.asarray(stat) / dof) ** (1 / 3) - (1 - k)) / np.sqrt(k)
+
+
+def test_gateware_generator_equidistribution(lane_words):
+    words, _ = lane_words
+    n = len(words)
+    for shift in (24, 16, 8):       # every byte the p-bit reads, in 256 bins
+        counts = np.stack([np.bincount((words[:, lane] >> shift) & 0xFF, minlength=256) for lane in range(LANES)])
+        stat = ((counts - n / 256) ** 2 / (n / 256)).sum(axis=1)
+        assert np.abs(chi2_z(stat, 255)).max() < 4, (shift, stat)
+    # Consecutive draws in two dimensions: the top 4 bits of word t and of word t+1, 256 cells.
+    top = words >> 28
+    pairs = (top[:-1] << 4) | top[1:]
+    counts = np.stack([np.bincount(pairs[:, lane], minlength=256) for lane in range(LANES)])
+    expected = (n - 1) / 256
+    stat = ((counts - expected) ** 2 / expected).sum(axis=1)
+    assert np.abs(chi2_z(stat, 255)).max() < 4, stat
