@@ -5,13 +5,13 @@ target, LEDs); :data:`BOARDS` holds the supported ones. :class:`BoardTop` is the
 platform's ``build``/``prepare``.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from amaranth.hdl import ClockDomain, ClockSignal, Module, ResetSignal, Signal
+from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Signal
 from amaranth.lib import io, wiring
 from amaranth.lib.cdc import FFSynchronizer
+from amaranth.lib.wiring import In, Out
 from amaranth_boards.ice40_hx8k_b_evn import ICE40HX8KBEVNPlatform
 from amaranth_boards.icebreaker import ICEBreakerPlatform
 from amaranth_boards.icestick import ICEStickPlatform
@@ -22,7 +22,7 @@ from opentsu.gateware.uart import baud_divisor
 
 from .pll import PLL, pll_parameters
 
-__all__ = ["Board", "BOARDS", "BoardTop", "clock_plan", "LED_ROLES", "UART_BAUD", "POR_SECONDS"]
+__all__ = ["Board", "BOARDS", "BoardTop", "LockReset", "clock_plan", "LED_ROLES", "UART_BAUD", "POR_SECONDS"]
 
 #: Line rate of every board's UART: the FT2232H on these boards makes 3 Mbaud exactly (12 MHz / 4).
 UART_BAUD = 3_000_000
@@ -187,18 +187,9 @@ class BoardTop(wiring.Component):
         m.domains.sync = ClockDomain("sync")
         m.domains.por = ClockDomain("por", reset_less=True, local=True)
         m.d.comb += [ClockSignal("sync").eq(clk), ClockSignal("por").eq(clk)]
-        locked = Signal()
-        m.submodules.lock_sync = FFSynchronizer(pll.lock, locked, o_domain="por")
-        delay = max(1, round(POR_SECONDS * self._clock_hz))
-        timer = Signal(range(delay + 1))
-        ready = Signal()
-        with m.If(~locked):
-            m.d.por += [timer.eq(0), ready.eq(0)]
-        with m.Elif(timer == delay):
-            m.d.por += ready.eq(1)
-        with m.Else():
-            m.d.por += timer.eq(timer + 1)
-        m.d.comb += ResetSignal("sync").eq(~ready)
+        m.submodules.lock_reset = lock_reset = DomainRenamer("por")(
+            LockReset(max(1, round(POR_SECONDS * self._clock_hz))))
+        m.d.comb += [lock_reset.lock.eq(pll.lock), ResetSignal("sync").eq(lock_reset.reset)]
 
         # The device on the USB serial port.
         self._device = device = Device(self._geometry, clock_hz=self._clock_hz, divisor=self._divisor,
@@ -219,6 +210,47 @@ class BoardTop(wiring.Component):
             buf = io.Buffer("o", led)
             m.submodules[f"led_{role}"] = buf
             m.d.comb += buf.o.eq(shown[role])
+        return m
+
+
+class LockReset(wiring.Component):
+    """A reset that is held until a clock source has been locked for ``cycles`` clock cycles.
+
+    ``lock`` is asynchronous (a PLL's LOCK output) and passes through a 2-flip-flop synchroniser. ``reset``
+    is high from configuration until ``lock`` has been high for ``cycles`` cycles after the synchroniser,
+    and goes high again on the cycle after a loss of lock leaves the synchroniser. The block itself has no
+    reset: use it in a reset-less domain clocked by the source it watches.
+
+    Ports
+    -----
+    lock : In(1)      the source is locked
+    reset : Out(1)    hold the design in reset
+    """
+
+    lock: In(1)
+    reset: Out(1, init=1)
+
+    def __init__(self, cycles: int):
+        if not isinstance(cycles, int) or cycles < 1:
+            raise ValueError(f"reset delay must be a positive number of cycles, not {cycles!r}")
+        self._cycles = cycles
+        super().__init__()
+
+    @property
+    def cycles(self) -> int:
+        return self._cycles
+
+    def elaborate(self, platform):
+        m = Module()
+        locked = Signal()
+        m.submodules.lock_sync = FFSynchronizer(self.lock, locked)
+        timer = Signal(range(self._cycles + 1))
+        with m.If(~locked):
+            m.d.sync += [timer.eq(0), self.reset.eq(1)]
+        with m.Elif(timer == self._cycles):
+            m.d.sync += self.reset.eq(0)
+        with m.Else():
+            m.d.sync += timer.eq(timer + 1)
         return m
 
 

@@ -13,7 +13,10 @@ from fractions import Fraction
 
 import pytest
 
+from amaranth.sim import Simulator
+
 from opentsu.boards import BOARDS, UART_BAUD, BoardTop, PLLError, pll_parameters
+from opentsu.boards.top import LockReset
 from opentsu.boards.pll import OUT_RANGE, PFD_RANGE, VCO_RANGE, PLLParameters
 from opentsu.build import (BOARD_NAMES, REPORT_KEYS, BuildError, FitError, _packed_fit_check, build,
                            fastest_clock, make_report, parse_fabric, parse_module_stats, parse_yosys_cells)
@@ -109,6 +112,33 @@ def test_board_elaborates_on_its_platform(name):
     # Memories: explicit primitives (no inferred block RAM), SPRAM only on the UP5K.
     assert ("SB_SPRAM256KA" in rtlil) == (board.target == "ice40-up5k")
     assert "cell \\SB_RAM40_4K " in rtlil and "$mem" not in rtlil
+
+
+def test_lock_reset_holds_reset_until_the_pll_has_been_locked_long_enough():
+    dut = LockReset(5)
+    trace = []
+
+    async def bench(ctx):
+        for cycle in range(40):
+            ctx.set(dut.lock, 3 <= cycle < 25 or cycle >= 30)
+            await ctx.tick()
+            trace.append(ctx.get(dut.reset))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    # trace[k] is reset after clock edge k + 1. lock rises before edge 4 and leaves the synchroniser after
+    # edge 5; the timer then counts 5 cycles and reset falls at edge 11.
+    released = trace.index(0)
+    assert released == 3 + 2 + 5 and all(trace[:released])
+    # lock falls before edge 26, leaves the synchroniser after edge 27: reset again from edge 28 ...
+    lost = trace.index(1, released)
+    assert lost == 25 + 2 and not any(trace[released:lost])
+    # ... until the PLL has been locked again for 5 cycles.
+    assert all(trace[lost:30 + 2 + 5]) and trace[30 + 2 + 5:] == [0] * 3
+    with pytest.raises(ValueError):
+        LockReset(0)
 
 
 def test_board_top_refuses_clocks_the_uart_or_pll_cannot_make():
