@@ -217,15 +217,17 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _compile(verilog_text: str, harness: Path, tools: Toolchain, out: Path, jobs: int) -> None:
-    """Compile ``verilog_text`` with ``harness`` into ``out/harness`` (``out`` must not exist yet)."""
+def _compile(verilog_text: str, harness_name: str, harness_source: bytes, tools: Toolchain, out: Path,
+             jobs: int) -> None:
+    """Compile ``verilog_text`` with the harness source into ``out/harness`` (``out`` must not exist yet).
+    The sources written are the ones hashed into the key, even if the files change meanwhile."""
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
         (work / f"{TOP}.v").write_text(verilog_text)
-        shutil.copy(harness, work / harness.name)
+        (work / harness_name).write_bytes(harness_source)
         cmd = [tools.verilator, *VERILATOR_FLAGS, "-j", str(jobs), "--top-module", TOP, "--prefix", "Vdevice",
                "-Mdir", str(work / "obj"), "-CFLAGS", CXX_FLAGS, "-MAKEFLAGS", MAKE_FLAGS,
-               f"{TOP}.v", harness.name, "-o", str(work / "harness")]
+               f"{TOP}.v", harness_name, "-o", str(work / "harness")]
         env = dict(os.environ, CXX=tools.cxx)
         result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if result.returncode != 0 or not (work / "harness").exists():
@@ -307,7 +309,7 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
             if notify is not None:
                 notify(f"compiling the Verilator model (once per design; cached in {cache})")
             shutil.rmtree(out, ignore_errors=True)
-            _compile(text, harness_path, tools, out, jobs or min(2, os.cpu_count() or 1))
+            _compile(text, harness_path.name, harness_bytes, tools, out, jobs or min(2, os.cpu_count() or 1))
             built = True
             _prune(cache, keep=out)
     index.parent.mkdir(parents=True, exist_ok=True)
@@ -322,9 +324,10 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
 class VerilatorTransport(Transport):
     """The compiled device as a ``Transport``: bytes in and out of its UART, on device time.
 
-    ``run(cycles)`` lets the device run on its own (the host driver calls it while it waits for a
-    sequence, as it does with ``SimTransport``). ``close()`` ends the harness process and waits for it; the
-    harness also exits by itself if this process dies.
+    ``run(cycles)`` and ``idle(seconds)`` let the device run on its own (the host driver idles while it
+    waits for a sequence, as it does with ``SimTransport``). ``close()`` ends the harness process and waits
+    for it; the harness also exits by itself if this process dies (its stdin closes; while it runs the clock,
+    it notices its parent change within 2^20 cycles).
     """
 
     def __init__(self, executable, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR):

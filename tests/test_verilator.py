@@ -94,17 +94,20 @@ def test_close_reaps_the_harness(device_build):
     transport.close()   # closing twice is harmless
 
 
-def test_harness_dies_with_its_host(device_build):
+@pytest.mark.parametrize("harness", ["waiting", "running"])
+def test_harness_dies_with_its_host(device_build, harness):
+    # The host either waits (the harness blocks on its pipe) or has the harness run the clock for minutes.
+    then = "time.sleep(60)" if harness == "waiting" else "t.run(10**10)"
     host = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
          "from opentsu.verilator import VerilatorTransport\n"
          "t = VerilatorTransport(sys.argv[1], clock_hz=12_000_000, divisor=4)\n"
-         "print(t.pid, flush=True)\n"
-         "time.sleep(60)\n", str(device_build.executable)],
+         "print(t.pid, flush=True)\n" + then, str(device_build.executable)],
         stdout=subprocess.PIPE, text=True)
     try:
         pid = int(host.stdout.readline())
+        time.sleep(0.3)
         assert not gone(pid)
         host.send_signal(signal.SIGKILL)
         host.wait()
