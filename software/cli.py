@@ -119,13 +119,13 @@ def cmd_bench(args):
             raise UsageError("bench emulator needs a MODEL.npz")
         model, program = _load_program(args.model, args.fabric, allow_virtual=True)
         result = bench.emulator(program, chains=args.chains, sweeps=args.sweeps)
-        if args.thrml:
-            result.update(bench.thrml(model, chains=args.chains, sweeps=args.sweeps))
+        if args.thrml or args.thrml_python:
+            result.update(bench.thrml(model, chains=args.chains, sweeps=args.sweeps, python=args.thrml_python))
             if result.get("thrml_flips_per_s"):
                 result["speedup_vs_thrml"] = round(result["flips_per_s"] / result["thrml_flips_per_s"], 2)
         print(json.dumps(result))
     else:
-        raise UsageError(f"unknown benchmark {args.what!r}")
+        bench.run_cli(args)   # simulators, suite
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=_positive("lane count"), help="update lanes of an auto fabric")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("bench", help="benchmarks (prints JSON)")
-    p.add_argument("what", choices=("emulator",))
+    p = sub.add_parser("bench", help="benchmarks: emulator (a JSON line), simulators, suite (table, JSON, plots)")
+    p.add_argument("what", choices=("emulator", "simulators", "suite"))
     p.add_argument("model", nargs="?", metavar="MODEL.npz")
     p.add_argument("--chains", type=_positive("chain count"), default=64)
     p.add_argument("--sweeps", type=_positive("sweep count"), default=200)
     p.add_argument("--fabric", help="fabric preset or auto")
     p.add_argument("--thrml", action="store_true", help="also time thrml on the same model (if installed)")
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the quick-start demonstration")
