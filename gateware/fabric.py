@@ -27,11 +27,11 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.devicemap import (SEQUENCE_DEPTH, Control, Flags, Reg, Region, REGION_SHIFT, Status, bank_bits,
-                               lane_bits, tau_bits)
+from opentsu.devicemap import (MOMENT_LIMIT, SEQUENCE_DEPTH, Control, Flags, Reg, Region, REGION_SHIFT, Status,
+                               bank_bits, lane_bits, moment_kinds, tau_bits)
 from opentsu.fabric import FabricGeometry
 from opentsu.formats import SEED_STEPS, WEIGHT
-from opentsu.sequence import ARG_BITS, Opcode
+from opentsu.sequence import ARG_BITS, OPCODE_SHIFT, Opcode
 
 from .ice40 import SPRAMBanks
 from .pbit import SpinSum, Threshold
@@ -111,7 +111,10 @@ class Fabric(wiring.Component):
     """A fabric built from ``geometry``, holding ``geometry.config.layers`` layers.
 
     ``target`` picks the memories: ``"generic"`` (``lib.memory``, for simulation), ``"ice40"`` (EBR
-    primitives) or ``"ice40-up5k"`` (EBR, with the scratch banks in SPRAM).
+    primitives) or ``"ice40-up5k"`` (EBR, with the scratch banks in SPRAM). ``moments`` builds the
+    on-chip moment counters (``devicemap`` MOMENTS, the ACCUMULATE op); by default on every target but
+    ``"ice40"``, whose scratch banks are EBRs with no room for them. Without them ACCUMULATE is a bad
+    sequence and MOMENTS reads 0.
 
     Ports
     -----
@@ -124,7 +127,7 @@ class Fabric(wiring.Component):
 
     TARGETS = ("generic", "ice40", "ice40-up5k")
 
-    def __init__(self, geometry: FabricGeometry, target: str = "generic"):
+    def __init__(self, geometry: FabricGeometry, target: str = "generic", moments: bool | None = None):
         if not isinstance(geometry, FabricGeometry):
             raise TypeError(f"a fabric needs a FabricGeometry, not {geometry!r}")
         if target not in self.TARGETS:
@@ -133,6 +136,7 @@ class Fabric(wiring.Component):
             raise ValueError(f"a fabric seeds at most 16 lanes from one scratch word, not {geometry.lanes}")
         self._g = geometry
         self._target = target
+        self._moments = target != "ice40" if moments is None else bool(moments)
         super().__init__({
             "bus": In(BusSignature),
             "samples": Out(stream.Signature(geometry.lanes)),
@@ -141,24 +145,35 @@ class Fabric(wiring.Component):
             "mix": In(stream.Signature(geometry.lanes)),
         })
 
-    @staticmethod
-    def scratch_layout(geometry: FabricGeometry) -> tuple[int, int]:
-        """``(body bits, depth)`` of the scratch address ``Cat(body, area)`` with two area bits:
-        area 0 holds the current biases (body τ), area 1 the seed-injection words (body k), area 2 every
-        layer's node words (body ``Cat(k, τ, layer)``, k choosing the lane of a bank's pair), area 3 every
-        layer's clamp rows for RANDOMIZE (body ``Cat(τ, layer)``)."""
-        layer_bits = max(1, (geometry.config.layers - 1).bit_length())
-        body = max(1 + tau_bits(geometry.cycles) + layer_bits, (SEED_STEPS - 1).bit_length())
-        return body, 1 << (body + 2)
+    AREAS = {"bias": 0, "seed": 1, "params": 2, "clamps": 3, "moments": 4}
 
     @staticmethod
-    def scratch_shape(geometry: FabricGeometry) -> tuple[int, int]:
-        """``(banks, depth)``: two lanes' biases per 16-bit bank word (see ``scratch_layout``)."""
-        return (geometry.lanes + 1) // 2, Fabric.scratch_layout(geometry)[1]
+    def scratch_layout(geometry: FabricGeometry, moments: bool = True) -> tuple[int, int, int]:
+        """``(body bits, area bits, depth)`` of the scratch address ``Cat(body, area)``. Areas
+        (``AREAS``): bias holds the current biases (body τ), seed the seed-injection words (body k),
+        params every layer's PARAMS words (body ``Cat(k, τ, layer)``), clamps every layer's clamp rows
+        for RANDOMIZE (body ``Cat(τ, layer)``), moments the moment counters (body ``Cat(half, τ, kind)``,
+        half choosing the lane of a bank's pair)."""
+        tbits = tau_bits(geometry.cycles)
+        layer_bits = max(1, (geometry.config.layers - 1).bit_length())
+        body = max(1 + tbits + layer_bits, (SEED_STEPS - 1).bit_length())
+        if moments:
+            body = max(body, 1 + tbits + (moment_kinds(geometry.degree) - 1).bit_length())
+        area_bits = 3 if moments else 2
+        return body, area_bits, 1 << (body + area_bits)
+
+    @staticmethod
+    def scratch_shape(geometry: FabricGeometry, moments: bool = True) -> tuple[int, int]:
+        """``(banks, depth)``: two lanes' bytes per 16-bit bank word (see ``scratch_layout``)."""
+        return (geometry.lanes + 1) // 2, Fabric.scratch_layout(geometry, moments)[2]
 
     @property
     def geometry(self) -> FabricGeometry:
         return self._g
+
+    @property
+    def moments(self) -> bool:
+        return self._moments
 
     def elaborate(self, platform):
         m = Module()
@@ -168,16 +183,19 @@ class Fabric(wiring.Component):
         word_at = 1                                 # a draw's word is in the generator one step later
         lead = word_at + Threshold.LATENCY - theta_stage   # front → stage A, in steps
         depth = lead + P - 1
+        bias_at = word_at + Threshold.LATENCY - 1   # the threshold samples the bias at this delay
         wbits = WEIGHT.bits
-        tbits, lbits = tau_bits(C), lane_bits(L)
+        tbits, lbits, bbits = tau_bits(C), lane_bits(L), bank_bits(L)
         layers = g.config.layers
         layer_bits = max(1, (layers - 1).bit_length())
-        banks, scratch_depth = self.scratch_shape(g)
-        body_bits, _ = self.scratch_layout(g)
+        banks, scratch_depth = self.scratch_shape(g, self._moments)
+        body_bits, area_bits, _ = self.scratch_layout(g, self._moments)
+        kinds = moment_kinds(D) if self._moments else 0
+        kind_bits = max(1, (kinds - 1).bit_length())
 
         def scratch_address(area, body):
             body = Cat(body, Const(0, body_bits - len(body))) if len(body) < body_bits else body[:body_bits]
-            return Cat(body, area if isinstance(area, Value) else Const(area, 2))
+            return Cat(body, Const(self.AREAS[area], area_bits))
 
         # ---------------------------------------------------------------- blocks and memories
         m.submodules.torus = torus = SpinTorus(g)
@@ -216,10 +234,33 @@ class Fabric(wiring.Component):
         stop_pulse = Signal()
         m.d.sync += [start_pulse.eq(0), stop_pulse.eq(0)]
         flags = Signal(8)
-        m.d.comb += rng.mix_enable.eq(flags[0])
+        m.d.comb += rng.mix_enable.eq(flags[_bit(Flags.TRNG_MIX)])
         layer = Signal(layer_bits)
         frame = Signal(range(C))            # τ of the torus frame: rotations since identity, mod cycles
         read_rotate = Signal()
+        moment_samples = Signal(16)
+        moment_pass = Signal()              # a moment pass reads the neighbours at the read stations
+
+        # ---------------------------------------------------------------- scratch requests
+        # Every scratch access is requested one cycle ahead into these registers, so the memories' address
+        # and enables come straight from flip-flops. Read data arrives two cycles after the request and is
+        # held until the next read. The registers advance with the update stream (`step`): a bias read for
+        # a stalled token is neither lost nor overwritten.
+        req_addr = Signal(range(scratch_depth))
+        req_ren = Signal()
+        req_wen = Signal(2 * banks)         # one enable per byte
+        req_wdata = Signal(data.ArrayLayout(16, banks))
+        next_addr = Signal(range(scratch_depth))
+        next_ren = Signal()
+        next_wen = Signal(2 * banks)
+        use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
+        drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
+        increment = Signal(banks)
+        bus_w_data = Signal(64)
+        next_wdata = Signal(data.ArrayLayout(16, banks))
+        for b in range(banks):
+            old = Mux(use_bus_data, bus_w_data[:16], Mux(drop_old, 0, scratch.r_data[b]))
+            m.d.comb += next_wdata[b].eq(old + increment[b])
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
@@ -228,6 +269,12 @@ class Fabric(wiring.Component):
         stall = Signal()
         step = Signal()
         m.d.comb += step.eq(~stall)
+        with m.If(step):
+            m.d.sync += [req_addr.eq(next_addr), req_ren.eq(next_ren), req_wen.eq(next_wen),
+                         req_wdata.eq(next_wdata)]
+        m.d.comb += [scratch.addr.eq(req_addr), scratch.r_en.eq(req_ren & step), scratch.w_en.eq(req_wen),
+                     scratch.w_data.eq(req_wdata)]
+
         f_valid = Signal()
         f_tau = Signal(range(C))
         f_randomize = Signal()
@@ -244,18 +291,12 @@ class Fabric(wiring.Component):
             m.d.comb += rng.advance.eq(1)
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
 
-        scratch_addr = Signal(range(scratch_depth))
-        scratch_ren = Signal()
-        scratch_wen = Signal(2 * banks)     # one enable per byte
-        scratch_wdata = Signal(data.ArrayLayout(16, banks))
-        m.d.comb += [scratch.addr.eq(scratch_addr), scratch.r_en.eq(scratch_ren), scratch.w_en.eq(scratch_wen),
-                     scratch.w_data.eq(scratch_wdata)]
-        bias_at = word_at + Threshold.LATENCY - 1     # the threshold samples the bias at this delay
-        with m.If(step & valid[bias_at - 1]):  # RANDOMIZE tokens read the layer's clamp row, not its biases
-            rand = randomize[bias_at - 1]
-            m.d.comb += [scratch_ren.eq(1),
-                         scratch_addr.eq(scratch_address(Cat(rand, rand), Mux(rand, Cat(taus[bias_at - 1], layer),
-                                                                             taus[bias_at - 1])))]
+        # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead.
+        ask = bias_at - 2
+        with m.If(valid[ask]):
+            m.d.comb += [next_ren.eq(1),
+                         next_addr.eq(Mux(randomize[ask], scratch_address("clamps", Cat(taus[ask], layer)),
+                                          scratch_address("bias", taus[ask])))]
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
@@ -263,7 +304,7 @@ class Fabric(wiring.Component):
             m.submodules[f"threshold{lane}"] = threshold
             m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
-            sel_a, _ = station_rom(taus[lead], lane, "a")
+            sel_a, _ = station_rom(Mux(moment_pass, frame, taus[lead]), lane, "a")
             sel_c, idle_c = station_rom(taus[depth], lane, "c")
             spin_sum = SpinSum(D, P)
             m.submodules[f"spin_sum{lane}"] = spin_sum
@@ -283,39 +324,56 @@ class Fabric(wiring.Component):
             sel_r, idle_r = station_rom(frame, lane, "r")
             m.d.comb += [torus.sel_r[lane].eq(sel_r), here[lane].eq(torus.here[lane] & ~idle_r)]
         m.d.comb += self.samples.payload.eq(here)
+        # Moment bits per lane: kind 0 is s = +1, kind k the agreement with the partner along
+        # moment_offsets[k - 1] (the torus neighbour wires, with the station the read pass uses).
+        moment_bits = []
+        for lane in range(L):
+            bits = [here[lane]]
+            for offset in g.moment_offsets[:max(0, kinds - 1)]:
+                d = list(g.offsets).index(offset)
+                bits.append(~(here[lane] ^ torus.neighbours[lane][d]))
+            moment_bits.append(bits)
 
         # ---------------------------------------------------------------- sequencer
+        seq_addr = Signal(range(2 * SEQUENCE_DEPTH))
+        seq_ren = Signal()
+        m.d.sync += seq_ren.eq(0)
+        m.d.comb += [seq.r_addr.eq(seq_addr), seq.r_en.eq(seq_ren)]
         op_code = Signal(4)
         op_arg = Signal(ARG_BITS)
-        op_low = Signal(16)
         sweeps_left = Signal(ARG_BITS)
         thin = Signal(ARG_BITS, init=1)
-        captures_left = Signal(ARG_BITS)
-        load_phase = Signal(2)
+        takes_left = Signal(ARG_BITS)
+        accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
+        phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
+        kind = Signal(kind_bits)
         after_drain = Signal(2)
-        AFTER_FETCH, AFTER_CAPTURE, AFTER_END = 0, 1, 2
-        m.d.comb += seq.r_en.eq(1)
+        AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
+        moments_full = Signal()
+        m.d.comb += moments_full.eq(moment_samples == MOMENT_LIMIT)
 
-        def param_address(k):
-            return scratch_address(2, Cat(Const(k, 1), frame, layer))
+        def request_op_word(half):
+            m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
 
         def fetch(prefix, on_update, on_other):
+            # An op word is two sequence words, each arriving two cycles after its request.
             with m.State(f"{prefix}FETCH0"):
-                m.d.comb += seq.r_addr.eq(op_index * 2)
+                request_op_word(0)
                 m.next = f"{prefix}FETCH1"
             with m.State(f"{prefix}FETCH1"):
-                m.d.comb += seq.r_addr.eq(op_index * 2 + 1)
-                m.d.sync += op_low.eq(seq.r_data)
+                request_op_word(1)
                 m.next = f"{prefix}FETCH2"
             with m.State(f"{prefix}FETCH2"):
+                m.d.sync += op_arg.eq(seq.r_data)
+                m.next = f"{prefix}FETCH3"
+            with m.State(f"{prefix}FETCH3"):
                 m.d.sync += stall.eq(0)
-                code = seq.r_data[ARG_BITS - 16:]
-                arg = Cat(op_low, seq.r_data)[:ARG_BITS]
-                m.d.sync += [op_code.eq(code), op_arg.eq(arg)]
+                code = seq.r_data[OPCODE_SHIFT - 16:]
+                m.d.sync += op_code.eq(code)
                 update = ~stop_request & (op_index != SEQUENCE_DEPTH) & (
-                    ((code == Opcode.SWEEP) & (arg != 0)) | (code == Opcode.RANDOMIZE))
+                    ((code == Opcode.SWEEP) & (op_arg != 0)) | (code == Opcode.RANDOMIZE))
                 with m.If(update):
-                    m.d.sync += [sweeps_left.eq(Mux(code == Opcode.SWEEP, arg, 1)),
+                    m.d.sync += [sweeps_left.eq(Mux(code == Opcode.SWEEP, op_arg, 1)),
                                  f_randomize.eq(code == Opcode.RANDOMIZE), op_index.eq(op_index + 1)]
                     on_update()
                 with m.Else():
@@ -330,20 +388,26 @@ class Fabric(wiring.Component):
             m.d.sync += after_drain.eq(AFTER_FETCH)
             m.next = "DRAIN"
 
+        def request_seed_word(k):
+            m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))]
+
         with m.FSM(name="sequencer"):
             with m.State("IDLE"):
                 with m.If(start_pulse):
-                    m.d.sync += [running.eq(1), op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0),
-                                 thin.eq(1), f_tau.eq(0), seed_step.eq(0)]
+                    m.d.sync += [op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0), thin.eq(1), f_tau.eq(0),
+                                 seed_step.eq(0), moment_samples.eq(0)]
                     with m.If(flags[_bit(Flags.KEEP_RNG)]):
                         m.next = "FETCH0"
                     with m.Else():
-                        m.d.comb += [rng.reset.eq(1), scratch_ren.eq(1), scratch_addr.eq(scratch_address(1, Const(0, 6)))]
-                        m.next = "SEED"
-
+                        m.d.comb += rng.reset.eq(1)
+                        request_seed_word(Const(0, 1))
+                        m.next = "SEED_PRIME"
+            with m.State("SEED_PRIME"):
+                request_seed_word(Const(1, 1))
+                m.next = "SEED"
             with m.State("SEED"):
-                # 64 draws, each injecting one bit per lane read from the scratch (formats.seed_injection).
-                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(scratch_address(1, (seed_step + 1)[:6]))]
+                # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
+                request_seed_word(seed_step + 2)
                 m.d.comb += [rng.advance.eq(1), rng.inject.eq(scratch.r_data[0][:L])]
                 m.d.sync += seed_step.eq(seed_step + 1)
                 with m.If(seed_step == SEED_STEPS - 1):
@@ -361,11 +425,14 @@ class Fabric(wiring.Component):
                     m.d.sync += [thin.eq(op_arg), op_index.eq(op_index + 1)]
                     m.next = "FETCH0"
                 with m.Elif((op_code == Opcode.LOAD) & (op_arg < layers)):
-                    m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), load_phase.eq(0)]
+                    m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0)]
                     m.next = "LOAD"
-                with m.Elif((op_code == Opcode.CAPTURE) & (op_arg != 0)):
-                    m.d.sync += [captures_left.eq(op_arg), op_index.eq(op_index + 1)]
-                    m.next = "CAPTURE"
+                with m.Elif(((op_code == Opcode.CAPTURE) | ((op_code == Opcode.ACCUMULATE) & self._moments))
+                            & (op_arg != 0)):
+                    m.d.sync += [takes_left.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0), kind.eq(0),
+                                 accumulating.eq(op_code == Opcode.ACCUMULATE),
+                                 moment_pass.eq(op_code == Opcode.ACCUMULATE)]
+                    m.next = "TAKE"
                 with m.Else():
                     m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
                     m.next = "FINISH"
@@ -396,53 +463,82 @@ class Fabric(wiring.Component):
                     with m.Switch(after_drain):
                         with m.Case(AFTER_FETCH):
                             m.next = "DECODE"
-                        with m.Case(AFTER_CAPTURE):
-                            m.next = "CAPTURE"
+                        with m.Case(AFTER_TAKE):
+                            m.d.sync += moment_pass.eq(accumulating)
+                            m.next = "TAKE"
                         with m.Default():
                             m.next = "STOPPED"
 
             with m.State("LOAD"):
-                # Four cycles per τ: each bank's node word for its even lane, write that lane's bias byte;
-                # then the same for the odd lane. The node word holds both candidate biases
-                # (formats.node_words): the spin at the lane's station picks one.
-                with m.Switch(load_phase):
-                    for phase in range(4):
-                        with m.Case(phase):
-                            half = phase // 2
-                            if phase % 2 == 0:
-                                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(param_address(half))]
-                            else:
-                                for lane in range(half, L, 2):
-                                    bank = lane // 2
-                                    word = scratch.r_data[bank]
-                                    m.d.comb += scratch_wdata[bank][8 * half:8 * half + 8].eq(
-                                        Mux(here[lane], word[:8], word[8:]))
-                                m.d.comb += [scratch_addr.eq(scratch_address(0, frame)),
-                                             scratch_wen.eq(sum(1 << (2 * b + half) for b in range(banks)))]
-                                if half == 1:
-                                    m.d.comb += read_rotate.eq(1)
-                                    with m.If(frame == C - 1):
-                                        m.next = "FETCH0"
-                            m.d.sync += load_phase.eq(phase + 1 if phase < 3 else 0)
-
-            with m.State("CAPTURE"):
-                m.d.comb += self.samples.valid.eq(1)
-                with m.If(self.samples.ready):
+                # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
+                # first where the lane's station spin x is +1 and from the second where it is -1 (byte
+                # enables do the choosing: b = h + c·x).
+                m.d.sync += phase.eq(phase + 1)
+                with m.Switch(phase):
+                    for k in (0, 1):
+                        with m.Case(k):
+                            m.d.comb += [next_ren.eq(1),
+                                         next_addr.eq(scratch_address("params", Cat(Const(k, 1), frame, layer)))]
+                    for k in (0, 1):
+                        with m.Case(2 + k):
+                            picks = here if k == 0 else ~here
+                            m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
+                                         next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
+                with m.If(phase == 3):
                     m.d.comb += read_rotate.eq(1)
                     with m.If(frame == C - 1):
-                        with m.If((captures_left > 1) & ~stop_request):
-                            m.d.sync += [captures_left.eq(captures_left - 1), sweeps_left.eq(thin),
-                                         f_randomize.eq(0)]
-                            m.next = "CAPTURE_SWEEPS"
+                        m.next = "FETCH0"
+
+            with m.State("TAKE"):
+                end_of_pass = Signal()
+                with m.If(~accumulating):
+                    # A capture pass: one word per τ on `samples`, waiting on back-pressure.
+                    m.d.comb += self.samples.valid.eq(1)
+                    with m.If(self.samples.ready):
+                        m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame == C - 1)]
+                if self._moments:
+                    with m.Else():
+                        # A moment pass: per τ and kind, read both halves' counters, then write them back
+                        # incremented by the lanes' bits (every counter starts from 0 with the first sample).
+                        m.d.sync += phase.eq(phase + 1)
+                        half = phase[0]
+                        m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
+                        with m.If(phase[1]):
+                            m.d.comb += [next_wen.eq(Const(0b11, 2).replicate(banks)), drop_old.eq(moment_samples == 0)]
+                            with m.If(~moments_full):
+                                for b in range(banks):
+                                    with m.Switch(Cat(kind, half)):
+                                        for h in (0, 1):
+                                            lane = 2 * b + h
+                                            if lane >= L:
+                                                continue
+                                            for k, bit in enumerate(moment_bits[lane]):
+                                                with m.Case(k | h << kind_bits):
+                                                    m.d.comb += increment[b].eq(bit)
                         with m.Else():
-                            m.next = "FETCH0"
-            with m.State("CAPTURE_SWEEPS"):
+                            m.d.comb += next_ren.eq(1)
+                        with m.If(phase == 3):
+                            m.d.sync += kind.eq(kind + 1)
+                            with m.If(kind == kinds - 1):
+                                m.d.sync += kind.eq(0)
+                                m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame == C - 1)]
+                with m.If(end_of_pass):
+                    with m.If(accumulating & ~moments_full):
+                        m.d.sync += moment_samples.eq(moment_samples + 1)
+                    with m.If((takes_left > 1) & ~stop_request):
+                        m.d.sync += [takes_left.eq(takes_left - 1), sweeps_left.eq(thin), f_randomize.eq(0),
+                                     moment_pass.eq(0)]
+                        m.next = "TAKE_SWEEPS"
+                    with m.Else():
+                        m.d.sync += moment_pass.eq(0)
+                        m.next = "FETCH0"
+            with m.State("TAKE_SWEEPS"):
                 m.d.comb += f_valid.eq(1)
                 m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
                 with m.If(f_tau == C - 1):
                     m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
                     with m.If((sweeps_left == 1) | stop_request):
-                        m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_CAPTURE))
+                        m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
                         m.next = "DRAIN"
 
             with m.State("FINISH"):
@@ -456,83 +552,104 @@ class Fabric(wiring.Component):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
-        # The bus is registered on the way in: its decode then starts from flip-flops, off the master's
-        # paths. Writes land a cycle later; read data comes two cycles after `r_en`, with `r_valid`.
-        bus_addr, bus_w_data = Signal.like(self.bus.addr), Signal.like(self.bus.w_data)
+        # The bus is registered on the way in, with its region decoded: the decode then starts from
+        # flip-flops. Writes land a cycle or two later; read data comes three cycles after `r_en`, with
+        # `r_valid`.
+        bus_addr = Signal.like(self.bus.addr)
         bus_w_en, bus_r_en = Signal(), Signal()
+        is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
+        lane_hot = Signal(L)
         m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data), bus_w_en.eq(self.bus.w_en),
-                     bus_r_en.eq(self.bus.r_en)]
-        region = bus_addr[REGION_SHIFT:REGION_SHIFT + 8]
+                     bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
+        m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
+                     for region, flag in is_region.items()]
         offset = bus_addr[:REGION_SHIFT]
-        lane_field = offset[:lbits]
-        tau_field = offset[lbits:lbits + tbits]
-        layer_field = offset[lbits + tbits:lbits + tbits + layer_bits]
-        memory_write = bus_w_en & (region != Region.REGS)
+        memory_write = bus_w_en & ~is_region[Region.REGS]
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
         idle_write = memory_write & ~running
 
-        def node_address(lane_bit):
-            return scratch_address(2, Cat(lane_bit, tau_field, layer_field))
+        def fields(*widths):
+            out, at = [], 0
+            for width in widths:
+                out.append(offset[at:at + width])
+                at += width
+            return out
 
-        m.d.comb += [weights.w_addr.eq(Cat(tau_field, layer_field)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
-        with m.If(idle_write & (region == Region.WEIGHTS)):
-            m.d.comb += weights.w_en.eq(1 << lane_field)
-        with m.If(idle_write & (region == Region.PARAMS)):
-            m.d.comb += [scratch_addr.eq(node_address(lane_field[0])),
-                         scratch_wdata.eq(bus_w_data[:16].replicate(banks)),
-                         scratch_wen.eq(0b11 << Cat(Const(0, 1), lane_field >> 1))]
-        bbits = bank_bits(L)
-        with m.If(idle_write & (region == Region.CLAMPS)):
-            m.d.comb += [scratch_addr.eq(scratch_address(3, Cat(offset[bbits:bbits + tbits],
-                                                                 offset[bbits + tbits:bbits + tbits + layer_bits]))),
-                         scratch_wdata.eq(bus_w_data[:16].replicate(banks)),
-                         scratch_wen.eq(0b11 << Cat(Const(0, 1), offset[:bbits]))]
-        with m.If(idle_write & (region == Region.SEEDS)):
-            m.d.comb += [scratch_addr.eq(scratch_address(1, offset[:SEED_STEPS.bit_length() - 1])),
-                         scratch_wdata[0].eq(bus_w_data[:16]), scratch_wen.eq(0b11)]
+        # WEIGHTS: Cat(lane, τ, layer); PARAMS: Cat(bank, k, τ, layer); CLAMPS: Cat(bank, τ, layer);
+        # MOMENTS: Cat(lane, τ, kind) (opentsu.devicemap).
+        _, w_tau, w_layer = fields(lbits, tbits, layer_bits)
+        p_bank, p_k, p_tau, p_layer = fields(bbits, 1, tbits, layer_bits)
+        c_bank, c_tau, c_layer = fields(bbits, tbits, layer_bits)
+        m_lane, m_tau, m_kind = fields(lbits, tbits, kind_bits)
+        bank_bytes = Const(0b11, 2) << Cat(Const(0, 1), p_bank)
+        m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
+        with m.If(idle_write & is_region[Region.WEIGHTS]):
+            m.d.comb += weights.w_en.eq(lane_hot)
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
-        with m.If(idle_write & (region == Region.SEQUENCE)):
+        with m.If(idle_write & is_region[Region.SEQUENCE]):
             m.d.comb += seq.w_en.eq(1)
+        with m.If(idle_write & is_region[Region.PARAMS]):
+            m.d.comb += [next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer))), next_wen.eq(bank_bytes),
+                         use_bus_data.eq(1)]
+        with m.If(idle_write & is_region[Region.CLAMPS]):
+            m.d.comb += [next_addr.eq(scratch_address("clamps", Cat(c_tau, c_layer))),
+                         next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
+        with m.If(idle_write & is_region[Region.SEEDS]):
+            m.d.comb += [next_addr.eq(scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])),
+                         next_wen.eq(0b11), use_bus_data.eq(1)]
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
-        with m.If(bus_w_en & (region == Region.REGS)):
+        with m.If(bus_w_en & is_region[Region.REGS]):
             with m.Switch(offset):
                 with m.Case(Reg.CONTROL):
-                    m.d.sync += [start_pulse.eq(bus_w_data[_bit(Control.START)] & ~running),
-                                 stop_pulse.eq(bus_w_data[_bit(Control.STOP)])]
+                    with m.If(bus_w_data[_bit(Control.START)] & ~running):
+                        m.d.sync += [start_pulse.eq(1), running.eq(1)]
+                    m.d.sync += stop_pulse.eq(bus_w_data[_bit(Control.STOP)])
                 with m.Case(Reg.FLAGS):
                     m.d.sync += flags.eq(bus_w_data[:8])
                 with m.Case(Reg.STATUS):  # write ones to clear sticky bits
                     m.d.sync += sticky.eq(sticky & ~bus_w_data[:8])
 
-        read_region = Signal(8)
-        read_offset = Signal(4)
+        read_region = {region: Signal(name=f"read_{region.name.lower()}")
+                       for region in (Region.REGS, Region.PARAMS, Region.MOMENTS, Region.SEQUENCE)}
+        read_offset = Signal(range(len(Reg)))
         read_bank = Signal(range(banks))
         read_memory_ok = Signal()
-        m.d.sync += self.bus.r_valid.eq(bus_r_en)
+        answer = Signal()
+        m.d.sync += [answer.eq(bus_r_en), self.bus.r_valid.eq(answer)]
         with m.If(bus_r_en):
-            m.d.sync += [read_region.eq(region), read_offset.eq(offset), read_bank.eq(lane_field >> 1),
-                         read_memory_ok.eq(~running)]
-            with m.If(~running & (region == Region.PARAMS)):
-                m.d.comb += [scratch_ren.eq(1), scratch_addr.eq(node_address(lane_field[0]))]
+            m.d.sync += [flag.eq(is_region[region]) for region, flag in read_region.items()]
+            m.d.sync += [read_offset.eq(offset), read_memory_ok.eq(~running),
+                         read_bank.eq(Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1))]
             with m.If(~running):
-                m.d.comb += seq.r_addr.eq(offset)
-        with m.Switch(read_region):
-            with m.Case(Region.REGS):
-                with m.Switch(read_offset):
-                    with m.Case(Reg.STATUS):
-                        m.d.comb += self.bus.r_data.eq(Cat(running, sticky[1:]))
-                    with m.Case(Reg.OP_INDEX):
-                        m.d.comb += self.bus.r_data.eq(op_index)
-                    with m.Case(Reg.SWEEPS):
-                        m.d.comb += self.bus.r_data.eq(sweeps_count)
-                    with m.Case(Reg.FLAGS):
-                        m.d.comb += self.bus.r_data.eq(flags)
-            with m.Case(Region.PARAMS):
-                with m.Switch(read_bank):
-                    for b in range(banks):
-                        with m.Case(b):
-                            m.d.comb += self.bus.r_data.eq(Mux(read_memory_ok, scratch.r_data[b], 0))
-            with m.Case(Region.SEQUENCE):
-                m.d.comb += self.bus.r_data.eq(Mux(read_memory_ok, seq.r_data, 0))
+                with m.If(is_region[Region.PARAMS]):
+                    m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer)))]
+                if self._moments:
+                    with m.If(is_region[Region.MOMENTS]):
+                        m.d.comb += [next_ren.eq(1),
+                                     next_addr.eq(scratch_address("moments", Cat(m_lane[0], m_tau, m_kind)))]
+                with m.If(is_region[Region.SEQUENCE]):
+                    m.d.sync += [seq_addr.eq(offset), seq_ren.eq(1)]
+        bank_word = Signal(16)
+        with m.Switch(read_bank):
+            for b in range(banks):
+                with m.Case(b):
+                    m.d.comb += bank_word.eq(scratch.r_data[b])
+        with m.If(read_region[Region.REGS]):
+            with m.Switch(read_offset):
+                with m.Case(Reg.STATUS):
+                    m.d.comb += self.bus.r_data.eq(Cat(running, sticky[1:]))
+                with m.Case(Reg.OP_INDEX):
+                    m.d.comb += self.bus.r_data.eq(op_index)
+                with m.Case(Reg.SWEEPS):
+                    m.d.comb += self.bus.r_data.eq(sweeps_count)
+                with m.Case(Reg.FLAGS):
+                    m.d.comb += self.bus.r_data.eq(flags)
+                with m.Case(Reg.MOMENT_SAMPLES):
+                    m.d.comb += self.bus.r_data.eq(moment_samples)
+        with m.If(read_memory_ok):
+            with m.If(read_region[Region.PARAMS] | (read_region[Region.MOMENTS] if self._moments else 0)):
+                m.d.comb += self.bus.r_data.eq(bank_word)
+            with m.If(read_region[Region.SEQUENCE]):
+                m.d.comb += self.bus.r_data.eq(seq.r_data)
         return m

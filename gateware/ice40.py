@@ -15,9 +15,10 @@ SPRAM_BLOCKS = 4
 class SPRAMBanks(wiring.Component):
     """``fabric.ScratchBanks`` on iCE40UP5K single-port RAMs (one ``SB_SPRAM256KA`` per bank).
 
-    Same ports and timing as the generic banks: read data the cycle after the address; a cycle either reads
-    or writes; ``w_en`` has one bit per byte (the SPRAM's nibble masks take them in pairs). Simulation
-    cannot run the primitive; simulate with ``ScratchBanks``.
+    Same ports and timing as the generic banks: read data the cycle after the address, held while ``r_en``
+    is low; a cycle either reads or writes (read data is undefined after a write); ``w_en`` has one bit
+    per byte (the SPRAM's nibble masks take them in pairs). Simulation cannot run the primitive; simulate
+    with ``ScratchBanks``.
     """
 
     def __init__(self, banks: int, depth: int):
@@ -51,7 +52,8 @@ class SPRAMBanks(wiring.Component):
                 i_DATAIN=self.w_data[b],
                 i_MASKWREN=Cat(self.w_en[2 * b], self.w_en[2 * b], self.w_en[2 * b + 1], self.w_en[2 * b + 1]),
                 i_WREN=self.w_en[2 * b:2 * b + 2].any(),
-                i_CHIPSELECT=Const(1, 1),
+                # Deselected, the block keeps its output: r_data holds until the next read, as EBRs do.
+                i_CHIPSELECT=self.r_en | self.w_en[2 * b:2 * b + 2].any(),
                 i_CLOCK=ClockSignal(),
                 i_STANDBY=Const(0, 1),
                 i_SLEEP=Const(0, 1),

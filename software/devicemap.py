@@ -9,8 +9,10 @@ region     offset                                                 word
 REGS       ``Reg`` index                                          32 bits
 WEIGHTS    ``row(layer, τ) << lane_bits | lane``                  ``7·degree`` bits: weight d in
                                                                   bits [7d, 7d+7)
-PARAMS     ``row(layer, τ) << lane_bits | lane``                  16 bits: ``formats.node_words``
-                                                                  (h + c in 7..0, h - c in 15..8)
+PARAMS     ``(row(layer, τ) << 1 | k) << bank_bits | bank``       16 bits: lane 2·bank in 7..0, lane
+           (bank = lane/2)                                        2·bank+1 in 15..8; k = 0: the
+                                                                  node's ``h + c``, k = 1: its
+                                                                  ``h - c`` (``formats.node_words``)
 SEEDS      ``k`` (0..63)                                          16 bits: bit ℓ is lane ℓ's
                                                                   seed-injection bit k (lanes <= 16)
 SEQUENCE   ``2·op + half`` (half 0 = bits 15..0 of the op word)   16 bits
@@ -39,7 +41,7 @@ from .formats import SEED_STEPS, WEIGHT
 
 __all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "bank_bits", "tau_bits", "row", "program_writes", "seed_writes",
            "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS", "address", "split_address",
-           "region_word_bits", "region_words", "moment_kinds", "WRITABLE", "READABLE", "SEQUENCE_DEPTH",
+           "region_word_bits", "region_words", "params_pairs", "moments_from_words", "moment_kinds", "WRITABLE", "READABLE", "SEQUENCE_DEPTH",
            "MOMENT_LIMIT"]
 
 #: Region number sits above this bit of a bus address.
@@ -94,8 +96,8 @@ def lane_bits(lanes: int) -> int:
 
 
 def bank_bits(lanes: int) -> int:
-    """Bits of the bank field of CLAMPS offsets (two lanes per bank)."""
-    return max(1, ((lanes + 1) // 2 - 1).bit_length())
+    """Bits of the bank field of PARAMS and CLAMPS offsets (two lanes per bank; none for one bank)."""
+    return ((lanes + 1) // 2 - 1).bit_length()
 
 
 def tau_bits(cycles: int) -> int:
@@ -116,7 +118,7 @@ def region_words(region: Region, lanes: int, cycles: int, degree: int, layers: i
     return {
         Region.REGS: len(Reg),
         Region.WEIGHTS: rows << lane_bits(lanes),
-        Region.PARAMS: rows << lane_bits(lanes),
+        Region.PARAMS: rows << (1 + bank_bits(lanes)),
         Region.SEEDS: SEED_STEPS,
         Region.SEQUENCE: 2 * SEQUENCE_DEPTH,
         Region.MOMENTS: moment_kinds(degree) << (tau_bits(cycles) + lane_bits(lanes)),
@@ -141,15 +143,54 @@ def program_writes(program, layers=None) -> list[tuple[Region, int, int]]:
     for layer in range(len(program.layers)) if layers is None else layers:
         weights, nodes = program.weight_image(layer), program.node_image(layer)
         clamps = program.clamp_image(layer)
+        pairs = params_pairs(nodes)
         for tau in range(g.cycles):
             for lane in range(g.lanes):
                 offset = row(layer, tau, g.cycles) << bits | lane
                 writes.append((Region.WEIGHTS, offset, int(weights[lane, tau])))
-                writes.append((Region.PARAMS, offset, int(nodes[lane, tau])))
+            for k in (0, 1):
+                for bank in range(pairs.shape[1]):
+                    writes.append((Region.PARAMS, (row(layer, tau, g.cycles) << 1 | k) << bank_bits(g.lanes) | bank,
+                                   int(pairs[k, bank, tau])))
             for bank in range(clamps.shape[0]):
                 writes.append((Region.CLAMPS, row(layer, tau, g.cycles) << bank_bits(g.lanes) | bank,
                                int(clamps[bank, tau])))
     return writes
+
+
+def params_pairs(node_image):
+    """(2, banks, cycles) PARAMS words from a (lanes, cycles) ``node_image``: k = 0 holds each lane pair's
+    ``h + c`` bytes, k = 1 their ``h - c`` bytes (lane 2·bank low, 2·bank+1 high)."""
+    import numpy as np
+    nodes = np.asarray(node_image, dtype=np.uint32)
+    if nodes.shape[0] % 2:
+        nodes = np.concatenate([nodes, np.zeros((1, nodes.shape[1]), dtype=nodes.dtype)])
+    low, high = nodes[0::2], nodes[1::2]
+    plus = (low & 0xFF) | (high & 0xFF) << 8
+    minus = (low >> 8) | (high >> 8) << 8
+    return np.stack([plus, minus]).astype(np.uint16)
+
+
+def moments_from_words(words, samples: int, geometry):
+    """``emulator.Moments`` of one chain from the MOMENTS region's words (all of them, in offset order)
+    and the MOMENT_SAMPLES register."""
+    import numpy as np
+    from .emulator import Moments
+    g = geometry
+    kinds = moment_kinds(g.degree)
+    lb, tb = lane_bits(g.lanes), tau_bits(g.cycles)
+    words = np.asarray(words, dtype=np.int64)
+    if words.shape != (kinds << (tb + lb),):
+        raise ValueError(f"MOMENTS has {kinds << (tb + lb)} words on this fabric, got {words.shape}")
+    grid = words.reshape(kinds, 1 << tb, 1 << lb)[:, :g.cycles, :g.lanes]
+    plus = np.zeros(g.n, dtype=np.int64)
+    agree = np.zeros((g.n, kinds - 1), dtype=np.int64)
+    sched = g.schedule
+    active = sched >= 0
+    plus[sched[active]] = grid[0][active]
+    for k in range(1, kinds):
+        agree[sched[active], k - 1] = grid[k][active]
+    return Moments([samples], plus[None], agree[None])
 
 
 def seed_writes(seed: int, chain: int, lanes: int) -> list[tuple[Region, int, int]]:

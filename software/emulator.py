@@ -17,6 +17,9 @@ Fabric operations (the gateware has the same ones):
 ``sweep(k)``
     ``k`` block-Gibbs sweeps.
 
+``run(ops)`` executes a sequence; its ACCUMULATE ops count samples into ``moments`` (see ``Moments``), as
+the fabric's on-chip accumulators do.
+
 The inner loop is ``_kernel.c`` (chains innermost, vectorised); chains are split into blocks with their
 own arrays, one thread each, so no two threads write the same cache line.
 """
@@ -31,15 +34,54 @@ import numpy as np
 
 from . import _kernel
 from .compiler import Program
+from .devicemap import MOMENT_LIMIT
 from .formats import CLAMP_MINUS, CLAMP_PLUS, PBIT, lane_seed_states
 from .sequence import Op, Opcode, SequenceError, sampling_sequence
 
-__all__ = ["Emulator", "sample", "chain_counts", "key_thresholds"]
+__all__ = ["Emulator", "Moments", "sample", "chain_counts", "key_thresholds"]
 
 #: Internal bias of a clamped node: beyond any field, so the comparison alone forces the spin.
 FORCE = 4096
 #: Fewest chains worth a thread of their own.
 _MIN_BLOCK = 16
+
+
+class Moments:
+    """Moment counts of a set of chains over the samples an ACCUMULATE counted, indexed by fabric node.
+
+    ``samples`` (chains,): samples counted (at most ``devicemap.MOMENT_LIMIT``); ``plus`` (chains, n): how
+    many had s_i = +1; ``agree`` (chains, n, degree // 2): how many had s_i = s_j for j the node's partner
+    ``geometry.moment_partners[i, k]``. Means and correlations follow: ⟨s_i⟩ = 2·plus/samples - 1 and
+    ⟨s_i s_j⟩ = 2·agree/samples - 1.
+    """
+
+    def __init__(self, samples, plus, agree):
+        self.samples = np.asarray(samples, dtype=np.int64)
+        self.plus = np.asarray(plus, dtype=np.int64)
+        self.agree = np.asarray(agree, dtype=np.int64)
+
+    @classmethod
+    def zeros(cls, chains: int, n: int, owned: int) -> "Moments":
+        return cls(np.zeros(chains), np.zeros((chains, n)), np.zeros((chains, n, owned)))
+
+    def count(self, spins: np.ndarray, partners: np.ndarray):
+        """Add one sample per chain, (chains, n) of ±1, to the chains still below the limit."""
+        live = self.samples < MOMENT_LIMIT
+        self.samples += live
+        self.plus += live[:, None] * (spins > 0)
+        self.agree += live[:, None, None] * (spins[:, :, None] == spins[:, partners])
+
+    @property
+    def means(self) -> np.ndarray:
+        return 2.0 * self.plus / np.maximum(self.samples, 1)[:, None] - 1.0
+
+    @property
+    def correlations(self) -> np.ndarray:
+        return 2.0 * self.agree / np.maximum(self.samples, 1)[:, None, None] - 1.0
+
+    def __eq__(self, other):
+        return (isinstance(other, Moments) and np.array_equal(self.samples, other.samples)
+                and np.array_equal(self.plus, other.plus) and np.array_equal(self.agree, other.agree))
 
 
 @lru_cache(maxsize=None)
@@ -103,6 +145,7 @@ class Emulator:
         self._weights = None
         self._pool = ThreadPoolExecutor(len(self._blocks)) if len(self._blocks) > 1 else None
         self.layer = None
+        self.moments = None
 
     def close(self):
         if self._pool is not None:
@@ -199,11 +242,16 @@ class Emulator:
         """Execute a sequence (``opentsu.sequence``) as the fabric's sequencer does.
 
         Returns the captured samples, (chains, captures, model nodes) int8, or fabric nodes with ``full``.
+        Like a START, it clears ``moments`` before the sequence counts into them.
         """
         width = self.program.geometry.n if full else self.program.n_model
         total = sum(op.arg for op in ops if op.code is Opcode.CAPTURE)
         out = np.empty((self.chains, total, width), dtype=np.int8)
         thin, taken = 1, 0
+        g = self.program.geometry
+        if any(op.code is Opcode.ACCUMULATE for op in ops) and not hasattr(g, "moment_partners"):
+            raise SequenceError("ACCUMULATE needs a grid fabric: general graphs have no on-chip moments")
+        self.moments = Moments.zeros(self.chains, g.n, len(g.moment_offsets)) if hasattr(g, "moment_offsets") else None
         for op in ops:
             if op.code is Opcode.LOAD:
                 if op.arg >= len(self.program.layers):
@@ -221,6 +269,11 @@ class Emulator:
                         self.sweep(thin)
                     out[:, taken] = self.fabric_spins if full else self.spins
                     taken += 1
+            elif op.code is Opcode.ACCUMULATE:
+                for k in range(op.arg):
+                    if k:
+                        self.sweep(thin)
+                    self.moments.count(self.fabric_spins, g.moment_partners)
             elif op.code is Opcode.END:
                 break
         return out[:, :taken]

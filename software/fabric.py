@@ -187,6 +187,26 @@ class FabricGeometry(_Schedule):
     def offsets(self):
         return self.grid.offsets
 
+    @cached_property
+    def moment_offsets(self) -> list[tuple[int, int]]:
+        """The offsets of the edges each node owns for the on-chip moments: of every opposite pair in
+        ``offsets`` the first one, so each edge is counted once (``degree // 2`` of them)."""
+        owned = []
+        for dr, dc in self.offsets:
+            if (-dr, -dc) not in owned:
+                owned.append((dr, dc))
+        return owned[:self.degree // 2]
+
+    @cached_property
+    def moment_partners(self) -> np.ndarray:
+        """(n, degree // 2) node at ``moment_offsets[k]`` from each node."""
+        out = np.empty((self.n, len(self.moment_offsets)), dtype=np.int64)
+        for node in range(self.n):
+            r, c = self.position(node)
+            for k, (dr, dc) in enumerate(self.moment_offsets):
+                out[node, k] = self.node(r + dr, c + dc)
+        return out
+
     def position(self, node) -> tuple[int, int]:
         return divmod(int(node), self.cols)
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 from amaranth.sim import Simulator
 
-from opentsu.devicemap import (Control, Reg, Region, address, program_writes, seed_writes, sequence_writes,
-                               unpack_capture)
+from opentsu.devicemap import (Control, Reg, Region, address, moments_from_words, program_writes, region_words,
+                               seed_writes, sequence_writes, unpack_capture)
 from opentsu.gateware.fabric import Fabric
 
 
@@ -37,11 +37,20 @@ def vcd(name):
     return f"{name}.vcd" if os.environ.get("OPENTSU_VCD") else None
 
 
-def run_chains(program, ops, seed, chains=(0,), extra=None, name="fabric", max_cycles=2_000_000):
+async def read_moments(ctx, dut, geometry):
+    """The fabric's MOMENTS region and MOMENT_SAMPLES register, as ``emulator.Moments`` of one chain."""
+    g = geometry
+    words = [await bus_read(ctx, dut, Region.MOMENTS, k)
+             for k in range(region_words(Region.MOMENTS, g.lanes, g.cycles, g.degree, g.config.layers))]
+    return moments_from_words(words, await bus_read(ctx, dut, Region.REGS, Reg.MOMENT_SAMPLES), g)
+
+
+def run_chains(program, ops, seed, chains=(0,), extra=None, name="fabric", max_cycles=2_000_000, moments=None):
     """Run ``ops`` once per chain (re-seeding, program loaded once) and return the captures.
 
     Returns a list (per chain) of (captures, fabric nodes) int8 arrays. ``extra`` is an optional async
-    function ``extra(ctx, dut)`` run after the last chain.
+    function ``extra(ctx, dut)`` run after the last chain. With a list for ``moments``, each chain's
+    on-chip moments (``read_moments``) are appended to it.
     """
     dut = Fabric(program.geometry)
     g = program.geometry
@@ -72,6 +81,8 @@ def run_chains(program, ops, seed, chains=(0,), extra=None, name="fabric", max_c
             ctx.set(dut.samples.ready, 0)
             captures = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, len(words), g.cycles)]
             results.append(np.array(captures, dtype=np.int8).reshape(-1, g.n))
+            if moments is not None:
+                moments.append(await read_moments(ctx, dut, g))
         if extra is not None:
             await extra(ctx, dut)
 

@@ -101,6 +101,49 @@ def test_distribution_through_gateware_matches_exact_enumeration():
     assert np.abs(z_mean).max() < 4 and np.abs(z_pair).max() < 4
 
 
+@pytest.mark.parametrize("case", ["8x8-deg8-2lanes-lat2", "12x8-deg4-4lanes", "icebreaker"])
+def test_moment_counters_match_emulator(case):
+    fabric, rows, cols, jumps, torus = CASES[case]
+    model = grid_model(rows, cols, jumps, torus, seed=31, scale=0.6, field=0.3)
+    program = compile_model(model, fabric=fabric)
+    # Captures and accumulations interleave; moments count only the ACCUMULATE samples.
+    ops = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 2), Op(Opcode.THIN, 2),
+           Op(Opcode.ACCUMULATE, 3), Op(Opcode.CAPTURE, 1), Op(Opcode.ACCUMULATE, 2)]
+    if case == "icebreaker":
+        ops = ops[:5]
+    got = []
+    captures = run_chains(program, ops, seed=5, chains=(0, 3), moments=got, name=f"moments-{case}")
+    for k, chain in enumerate((0, 3)):
+        emu = Emulator(program, chains=1, seed=5, first_chain=chain)
+        want_captures = emu.run(ops, full=True)[0]
+        assert np.array_equal(captures[k], want_captures)
+        want = emu.moments
+        assert got[k].samples.tolist() == want.samples.tolist()
+        active = np.zeros(program.geometry.n, dtype=bool)
+        active[program.geometry.schedule[program.geometry.schedule >= 0]] = True
+        assert np.array_equal(got[k].plus[0, active], want.plus[0, active])
+        assert np.array_equal(got[k].agree[0, active], want.agree[0, active])
+        emu.close()
+
+
+def test_moment_counting_stops_at_the_limit(monkeypatch):
+    import opentsu.devicemap
+    import opentsu.emulator
+    import opentsu.gateware.fabric
+    for module in (opentsu.devicemap, opentsu.emulator, opentsu.gateware.fabric):
+        monkeypatch.setattr(module, "MOMENT_LIMIT", 3)
+    fabric, rows, cols, jumps, torus = CASES["8x8-deg8-2lanes-lat2"]
+    program = compile_model(grid_model(rows, cols, jumps, torus, seed=32), fabric=fabric)
+    ops = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.ACCUMULATE, 5), Op(Opcode.CAPTURE, 1)]
+    got = []
+    captures = run_chains(program, ops, seed=6, moments=got, name="moment-limit")
+    emu = Emulator(program, chains=1, seed=6)
+    assert np.array_equal(captures[0], emu.run(ops, full=True)[0])   # the chain ran all 5 samples' sweeps
+    assert got[0].samples.tolist() == [3] and emu.moments.samples.tolist() == [3]
+    assert np.array_equal(got[0].plus, emu.moments.plus) and np.array_equal(got[0].agree, emu.moments.agree)
+    assert got[0].plus.max() <= 3
+
+
 def test_host_bus_reads_back_and_refuses_writes_while_running():
     model = grid_model(6, 6, ((0, 1),), seed=9)
     program = compile_model(model, fabric=FabricConfig(8, 8, ((0, 1),), lanes=2))

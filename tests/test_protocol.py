@@ -547,7 +547,7 @@ def test_pipelined_writes_are_not_lost(uart_harness):
 
 def test_busy_while_running_then_stop(byte_harness):
     device = byte_harness.device
-    device.writes(sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 1_000_000)]))
+    device.writes(sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 60_000)]))
     device.start()
     assert device.flags & Flags.RUNNING
     before = byte_harness.transport.bus_writes
