@@ -264,9 +264,14 @@ def _prune(cache: Path, keep: Path) -> None:
 def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_depth: int = FIFO_DEPTH,
           harness: str = "device.cpp", top=None, ports=None, name: str | None = None, jobs: int | None = None,
           cache: Path | None = None, notify=None) -> VerilatorBuild:
-    """The compiled device for ``geometry`` (or the component ``top``, then named ``name``, with the harness
-    source ``harness`` from ``opentsu/harness/``), from the cache when possible; ``notify(message)`` hears
-    about a compile before it starts. Raises ``ToolchainError`` when a tool is missing or the compile fails.
+    """The compiled device for ``geometry`` (or the elaboratable ``top`` with ``ports``, then named ``name``,
+    with the harness source ``harness`` from ``opentsu/harness/``), from the cache when possible;
+    ``notify(message)`` hears about a compile before it starts. Raises ``ToolchainError`` when a tool is
+    missing or the compile fails.
+
+    The device's Verilog depends only on opentsu's sources and the build parameters, so an index on those
+    skips its generation. A custom ``top`` may depend on any code: its Verilog is always generated (the
+    Verilog's hash still finds the compiled build).
     """
     start = time.perf_counter()
     tools = toolchain()
@@ -291,7 +296,7 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
         return VerilatorBuild(cache / key / "harness", key, clock_hz, divisor, fifo_depth, built,
                               time.perf_counter() - start)
 
-    if index.exists():
+    if top is None and index.exists():
         key = index.read_text().strip()
         if (cache / key / "harness").exists():
             os.utime(cache / key)   # recently used: spared by _prune
@@ -312,10 +317,13 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
             _compile(text, harness_path.name, harness_bytes, tools, out, jobs or min(2, os.cpu_count() or 1))
             built = True
             _prune(cache, keep=out)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(key)
-    tmp.replace(index)
+        else:
+            os.utime(out)
+    if top is None:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(key)
+        tmp.replace(index)
     return found(key, built)
 
 
