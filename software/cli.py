@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .build import register as register_build  # opentsu build, flash, export-verilog (boards/)
     register_build(sub)
+
+    from .dtm import register as register_dtm  # opentsu dtm {train,sample,eval}
+    register_dtm(sub)
     return parser
 
 
