@@ -213,7 +213,7 @@ def simulators(fabric="icebreaker", samples: int = 2, burn_in: int = 20, min_sec
     from .fabric import PRESETS
     from .gateware.device import Device as DeviceTop
     from .link import Device, SimTransport
-    from .sequence import Op, Opcode, sampling_sequence
+    from .sequence import MAX_ARG, Op, Opcode, sampling_sequence
 
     config = PRESETS[fabric] if isinstance(fabric, str) else fabric
     model = grid_benchmark_model(config.rows, config.cols, seed=5, jumps=config.jumps, torus=True)
@@ -241,17 +241,19 @@ def simulators(fabric="icebreaker", samples: int = 2, burn_in: int = 20, min_sec
         out["verilator_runs"] = runs
         out["verilator_cycles_per_s"] = round(cycles / elapsed)
 
-        # Free running: a long sweep on the fabric, nothing on the UART.
+        # Free running: a long sweep on the fabric (longer than the run below), nothing on the UART.
         device = Device(transport, timeout=0.005)
         from .devicemap import seed_writes, sequence_writes
         device.writes(seed_writes(1, 0, program.geometry.lanes) +
-                      sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 1 << 27)]))
+                      sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE)] + [Op(Opcode.SWEEP, MAX_ARG)] * 40))
         device.start()
         free = 2_000_000
+        swept = device.status().sweeps
         cpu = _cpu_seconds(transport.pid)
         start = time.perf_counter()
         transport.run(free)
         out["verilator_free_cycles_per_s"] = round(free / (time.perf_counter() - start))
+        out["verilator_free_sweeps"] = (device.status().sweeps - swept) % (1 << 24)   # the fabric kept busy
         if cpu is not None:   # per second of the harness's own CPU time: what other load on the machine costs
             out["verilator_free_cycles_per_cpu_s"] = round(free / max(_cpu_seconds(transport.pid) - cpu, 1e-3))
         device.reset()

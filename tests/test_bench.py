@@ -105,6 +105,8 @@ def test_simulators_compare_amaranth_and_verilator():
         result["verilator_cycles_per_s"] / result["amaranth_cycles_per_s"], rel=0.01)
     assert result["verilator_vs_amaranth"] > 5
     assert result["verilator_free_cycles_per_s"] > 0 and result["verilator_sampling"]["samples_per_s"] > 0
+    # Running free, the fabric swept all along: 2·10^6 cycles at 4 cycles a sweep.
+    assert result["verilator_free_sweeps"] == pytest.approx(2_000_000 / program.geometry.cycles, rel=0.01)
 
 
 def test_suite_writes_table_json_and_plots(tmp_path, capsys):
