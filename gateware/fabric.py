@@ -281,11 +281,15 @@ class Fabric(wiring.Component):
         valid = _delay_line(m, f_valid, depth, step, "valid")
         taus = _delay_line(m, f_tau, depth, step, "tau")
         randomize = _delay_line(m, f_randomize, depth, step, "randomize")
-        in_flight = Signal()
-        m.d.comb += in_flight.eq(Cat(*valid[1:]).any())
+        in_flight = Signal()                # a cycle late, which only lengthens a drain by a cycle
+        m.d.sync += in_flight.eq(Cat(*valid[1:]).any())
         m.d.comb += torus.rotate.eq((step & Cat(*valid[lead:lead + P]).any()) | read_rotate)
+        # Frame comparisons the sequencer needs are kept in flip-flops, updated as the frame moves.
+        frame_last = Signal(init=C == 1)    # frame == C - 1
+        frame_zero = Signal(init=1)         # frame == 0
         with m.If(torus.rotate):
-            m.d.sync += frame.eq(Mux(frame == C - 1, 0, frame + 1))
+            m.d.sync += [frame.eq(Mux(frame_last, 0, frame + 1)), frame_last.eq(frame == C - 2 if C >= 2 else 1),
+                         frame_zero.eq(frame_last)]
         seed_step = Signal(range(SEED_STEPS + 1))
         with m.If(step & f_valid):
             m.d.comb += rng.advance.eq(1)
@@ -304,7 +308,11 @@ class Fabric(wiring.Component):
             m.submodules[f"threshold{lane}"] = threshold
             m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
-            sel_a, _ = station_rom(Mux(moment_pass, frame, taus[lead]), lane, "a")
+            # Stage A's station, looked up a step ahead (at moment passes: the read station).
+            sel_ahead, _ = station_rom(Mux(moment_pass, frame, taus[lead - 1]), lane, "a")
+            sel_a = Signal.like(sel_ahead, name=f"sel_a{lane}")
+            with m.If(step):
+                m.d.sync += sel_a.eq(sel_ahead)
             sel_c, idle_c = station_rom(taus[depth], lane, "c")
             spin_sum = SpinSum(D, P)
             m.submodules[f"spin_sum{lane}"] = spin_sum
@@ -335,22 +343,46 @@ class Fabric(wiring.Component):
             moment_bits.append(bits)
 
         # ---------------------------------------------------------------- sequencer
+        # Comparisons on counters and op arguments are made a cycle ahead into flags, so that each state's
+        # decisions start from flip-flops.
         seq_addr = Signal(range(2 * SEQUENCE_DEPTH))
         seq_ren = Signal()
         m.d.sync += seq_ren.eq(0)
         m.d.comb += [seq.r_addr.eq(seq_addr), seq.r_en.eq(seq_ren)]
+        assert SEQUENCE_DEPTH & (SEQUENCE_DEPTH - 1) == 0
+        past_end = op_index[-1]             # op_index == SEQUENCE_DEPTH
         op_code = Signal(4)
         op_arg = Signal(ARG_BITS)
+        arg_zero, arg_one, arg_many, arg_layer = Signal(), Signal(), Signal(), Signal()
         sweeps_left = Signal(ARG_BITS)
+        sweeps_last = Signal()              # sweeps_left == 1
         thin = Signal(ARG_BITS, init=1)
+        thin_one = Signal(init=1)
         takes_left = Signal(ARG_BITS)
+        takes_more = Signal()               # takes_left > 1
+        f_tau_last = Signal(init=C == 1)    # f_tau == C - 1
         accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
         phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
         kind = Signal(kind_bits)
         after_drain = Signal(2)
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
         moments_full = Signal()
-        m.d.comb += moments_full.eq(moment_samples == MOMENT_LIMIT)
+        moments_empty = Signal()
+        m.d.comb += [moments_full.eq(moment_samples == MOMENT_LIMIT), moments_empty.eq(moment_samples == 0)]
+        moment_increment = Signal(max(1, banks))
+
+        def restart_front():
+            m.d.sync += [f_tau.eq(0), f_tau_last.eq(C == 1)]
+
+        def advance_front():
+            """Move the stream front to the next τ; at the end of a sweep count it (True: a sweep ends)."""
+            m.d.sync += [f_tau.eq(Mux(f_tau_last, 0, f_tau + 1)), f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)]
+            with m.If(f_tau_last):
+                m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_last.eq(sweeps_left == 2),
+                             sweeps_count.eq(sweeps_count + 1)]
+
+        def load_sweeps(value, last):
+            m.d.sync += [sweeps_left.eq(value), sweeps_last.eq(last)]
 
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
@@ -364,17 +396,18 @@ class Fabric(wiring.Component):
                 request_op_word(1)
                 m.next = f"{prefix}FETCH2"
             with m.State(f"{prefix}FETCH2"):
-                m.d.sync += op_arg.eq(seq.r_data)
+                word = seq.r_data
+                m.d.sync += [op_arg.eq(word), arg_zero.eq(word == 0), arg_one.eq(word == 1),
+                             arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
                 m.next = f"{prefix}FETCH3"
             with m.State(f"{prefix}FETCH3"):
                 m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
                 m.d.sync += op_code.eq(code)
-                update = ~stop_request & (op_index != SEQUENCE_DEPTH) & (
-                    ((code == Opcode.SWEEP) & (op_arg != 0)) | (code == Opcode.RANDOMIZE))
-                with m.If(update):
-                    m.d.sync += [sweeps_left.eq(Mux(code == Opcode.SWEEP, op_arg, 1)),
-                                 f_randomize.eq(code == Opcode.RANDOMIZE), op_index.eq(op_index + 1)]
+                sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
+                with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
+                    load_sweeps(Mux(sweep, op_arg, 1), ~sweep | arg_one)
+                    m.d.sync += [f_randomize.eq(randomizing), op_index.eq(op_index + 1)]
                     on_update()
                 with m.Else():
                     on_other()
@@ -394,8 +427,9 @@ class Fabric(wiring.Component):
         with m.FSM(name="sequencer"):
             with m.State("IDLE"):
                 with m.If(start_pulse):
-                    m.d.sync += [op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0), thin.eq(1), f_tau.eq(0),
+                    m.d.sync += [op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0), thin.eq(1), thin_one.eq(1),
                                  seed_step.eq(0), moment_samples.eq(0)]
+                    restart_front()
                     with m.If(flags[_bit(Flags.KEEP_RNG)]):
                         m.next = "FETCH0"
                     with m.Else():
@@ -416,21 +450,21 @@ class Fabric(wiring.Component):
             fetch("", go("STREAM"), go("DECODE"))
 
             with m.State("DECODE"):
-                with m.If(stop_request | (op_index == SEQUENCE_DEPTH) | (op_code == Opcode.END)):
+                with m.If(stop_request | past_end | (op_code == Opcode.END)):
                     m.next = "FINISH"
                 with m.Elif(op_code == Opcode.SWEEP):  # SWEEP 0
                     m.d.sync += op_index.eq(op_index + 1)
                     m.next = "FETCH0"
                 with m.Elif(op_code == Opcode.THIN):
-                    m.d.sync += [thin.eq(op_arg), op_index.eq(op_index + 1)]
+                    m.d.sync += [thin.eq(op_arg), thin_one.eq(arg_one), op_index.eq(op_index + 1)]
                     m.next = "FETCH0"
-                with m.Elif((op_code == Opcode.LOAD) & (op_arg < layers)):
+                with m.Elif((op_code == Opcode.LOAD) & arg_layer):
                     m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0)]
                     m.next = "LOAD"
                 with m.Elif(((op_code == Opcode.CAPTURE) | ((op_code == Opcode.ACCUMULATE) & self._moments))
-                            & (op_arg != 0)):
-                    m.d.sync += [takes_left.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0), kind.eq(0),
-                                 accumulating.eq(op_code == Opcode.ACCUMULATE),
+                            & ~arg_zero):
+                    m.d.sync += [takes_left.eq(op_arg), takes_more.eq(arg_many), op_index.eq(op_index + 1),
+                                 phase.eq(0), kind.eq(0), accumulating.eq(op_code == Opcode.ACCUMULATE),
                                  moment_pass.eq(op_code == Opcode.ACCUMULATE)]
                     m.next = "TAKE"
                 with m.Else():
@@ -439,13 +473,12 @@ class Fabric(wiring.Component):
 
             with m.State("STREAM"):
                 m.d.comb += f_valid.eq(1)
-                m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
-                with m.If(f_tau == C - 1):
-                    m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
+                advance_front()
+                with m.If(f_tau_last):
                     with m.If(stop_request):  # STOP ends the run at the next sweep boundary
                         m.d.sync += after_drain.eq(AFTER_END)
                         m.next = "DRAIN"
-                    with m.Elif(sweeps_left == 1):
+                    with m.Elif(sweeps_last):
                         m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
                         m.next = "STREAM_FETCH0"
 
@@ -456,10 +489,10 @@ class Fabric(wiring.Component):
                 with m.If(~in_flight):
                     m.next = "REALIGN"
             with m.State("REALIGN"):
-                with m.If(frame != 0):
+                with m.If(~frame_zero):
                     m.d.comb += read_rotate.eq(1)
                 with m.Else():
-                    m.d.sync += f_tau.eq(0)
+                    restart_front()
                     with m.Switch(after_drain):
                         with m.Case(AFTER_FETCH):
                             m.next = "DECODE"
@@ -486,7 +519,7 @@ class Fabric(wiring.Component):
                                          next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
                 with m.If(phase == 3):
                     m.d.comb += read_rotate.eq(1)
-                    with m.If(frame == C - 1):
+                    with m.If(frame_last):
                         m.next = "FETCH0"
 
             with m.State("TAKE"):
@@ -495,7 +528,7 @@ class Fabric(wiring.Component):
                     # A capture pass: one word per τ on `samples`, waiting on back-pressure.
                     m.d.comb += self.samples.valid.eq(1)
                     with m.If(self.samples.ready):
-                        m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame == C - 1)]
+                        m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
                 if self._moments:
                     with m.Else():
                         # A moment pass: per τ and kind, read both halves' counters, then write them back
@@ -503,43 +536,44 @@ class Fabric(wiring.Component):
                         m.d.sync += phase.eq(phase + 1)
                         half = phase[0]
                         m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
+                        # The bits a write adds are picked the cycle before it (phases 1 and 2).
+                        bits_ahead = Signal(banks)
+                        for b in range(banks):
+                            with m.Switch(Cat(kind, phase == 2)):
+                                for h in (0, 1):
+                                    lane = 2 * b + h
+                                    if lane >= L:
+                                        continue
+                                    for k, bit in enumerate(moment_bits[lane]):
+                                        with m.Case(k | h << kind_bits):
+                                            m.d.comb += bits_ahead[b].eq(bit)
+                        m.d.sync += moment_increment.eq(bits_ahead & ~moments_full.replicate(banks))
                         with m.If(phase[1]):
-                            m.d.comb += [next_wen.eq(Const(0b11, 2).replicate(banks)), drop_old.eq(moment_samples == 0)]
-                            with m.If(~moments_full):
-                                for b in range(banks):
-                                    with m.Switch(Cat(kind, half)):
-                                        for h in (0, 1):
-                                            lane = 2 * b + h
-                                            if lane >= L:
-                                                continue
-                                            for k, bit in enumerate(moment_bits[lane]):
-                                                with m.Case(k | h << kind_bits):
-                                                    m.d.comb += increment[b].eq(bit)
+                            m.d.comb += [next_wen.eq(Const(0b11, 2).replicate(banks)), drop_old.eq(moments_empty),
+                                         increment.eq(moment_increment)]
                         with m.Else():
                             m.d.comb += next_ren.eq(1)
                         with m.If(phase == 3):
                             m.d.sync += kind.eq(kind + 1)
                             with m.If(kind == kinds - 1):
                                 m.d.sync += kind.eq(0)
-                                m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame == C - 1)]
+                                m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
                 with m.If(end_of_pass):
                     with m.If(accumulating & ~moments_full):
                         m.d.sync += moment_samples.eq(moment_samples + 1)
-                    with m.If((takes_left > 1) & ~stop_request):
-                        m.d.sync += [takes_left.eq(takes_left - 1), sweeps_left.eq(thin), f_randomize.eq(0),
-                                     moment_pass.eq(0)]
+                    m.d.sync += moment_pass.eq(0)
+                    with m.If(takes_more & ~stop_request):
+                        m.d.sync += [takes_left.eq(takes_left - 1), takes_more.eq(takes_left > 2), f_randomize.eq(0)]
+                        load_sweeps(thin, thin_one)
                         m.next = "TAKE_SWEEPS"
                     with m.Else():
-                        m.d.sync += moment_pass.eq(0)
                         m.next = "FETCH0"
             with m.State("TAKE_SWEEPS"):
                 m.d.comb += f_valid.eq(1)
-                m.d.sync += f_tau.eq(Mux(f_tau == C - 1, 0, f_tau + 1))
-                with m.If(f_tau == C - 1):
-                    m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_count.eq(sweeps_count + 1)]
-                    with m.If((sweeps_left == 1) | stop_request):
-                        m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
-                        m.next = "DRAIN"
+                advance_front()
+                with m.If(f_tau_last & (sweeps_last | stop_request)):
+                    m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
+                    m.next = "DRAIN"
 
             with m.State("FINISH"):
                 m.d.sync += after_drain.eq(AFTER_END)
