@@ -496,12 +496,21 @@ def build_auto_clock(board_name: str, output: str | None = None, *, clock_hz: in
     raise AssertionError("unreachable")
 
 
+def _public(path):
+    """Give a file made by ``mkstemp`` (mode 0600; a path or an open descriptor) the permissions an ordinary
+    new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _rewrite_report(output, report):
     output = os.path.abspath(output)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".part", dir=output)
     with os.fdopen(fd, "w") as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
         f.write("\n")
+    _public(tmp)
     os.replace(tmp, os.path.join(output, "report.json"))
 
 
@@ -614,6 +623,7 @@ def export_verilog(path: str, *, fabric=None, clock_hz: int = 48_000_000, baud: 
         text = verilog.convert(device, name=name, emit_src=False)
     with atomic_write(path) as f:
         f.write(text.encode())
+        _public(f.fileno())
     return {"module": name, "fabric": config.describe(), "clock_hz": clock_hz, "divisor": divisor,
             "baud": float(Fraction(clock_hz, divisor)), "bytes": len(text)}
 

@@ -99,6 +99,11 @@ def test_board_elaborates_on_its_platform(name):
     assert params["FILTER_RANGE"] == top.pll_parameters.filter_range
     assert board.clock_hz % UART_BAUD == 0 and top.divisor * UART_BAUD == board.clock_hz
 
+    # The device tells the host the clock and divisor it was built for.
+    assert top.device.identity == top.identity
+    assert (top.identity.clock_hz, top.identity.divisor) == (board.clock_hz, board.clock_hz // UART_BAUD)
+    assert top.identity.trng and top.has_trng and top.identity.lanes == board.fabric.lanes
+
     # The fabric clock is constrained on the PLL output, at the board clock (nextpnr aims for it).
     assert f"set_frequency clk_fabric {board.clock_hz / 1e6}" in pcf
     # UART pins and one LED per role are placed.
@@ -299,6 +304,12 @@ def test_build_of_a_design_too_big_exits_1_and_leaves_nothing(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fake_tool(directory, name):
     path = directory / name
     path.write_text(f'#!/bin/sh\necho "$@" > "{directory}/{name}.args"\n')
@@ -342,6 +353,7 @@ def test_export_verilog(tmp_path, capsys):
     for port in ("clk", "rst", "rx", "tx", "running", "error"):
         assert re.search(rf"^\s*(input|output) (reg )?{port};", text, re.M), port
     assert "SB_" not in text     # generic memories only
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
     code, _, err = run(["export-verilog", "--fabric", "8x8", "-o", str(tmp_path / "e.v")], capsys)
     assert code == 2 and not (tmp_path / "e.v").exists()
     code, _, err = run(["export-verilog", "--board", "icestick", "--clock-mhz", "50", "-o", str(tmp_path / "e.v")],
@@ -378,3 +390,4 @@ def test_icebreaker_bitstream_builds_and_meets_timing(tmp_path):
     assert sorted(os.listdir(out)) == sorted(["report.json", "opentsu_icebreaker.bin", "nextpnr-report.json",
                                               "yosys.log", "nextpnr.log"])
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    assert (out / "report.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
