@@ -40,6 +40,7 @@ from importlib import resources
 
 import numpy as np
 
+from .emulator import FORCE as _FORCE  # the kernel's clamp: a bias beyond any field
 from .formats import BIAS, COUPLING, WEIGHT
 from .sequence import Op, Opcode
 from .topology import Grid, colour
@@ -50,8 +51,6 @@ __all__ = [
     "load", "save", "register",
 ]
 
-#: Bias code that forces a node in the emulator kernel (beyond any field), as ``opentsu.emulator`` uses it.
-_FORCE = 4096
 _FORMAT = "opentsu-dtm"
 _VERSION = 1
 
