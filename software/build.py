@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -24,7 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from fractions import Fraction
+
+from amaranth.hdl import UnusedElaboratable
 
 __all__ = ["BuildError", "TimingError", "FitError", "yowasp_tools", "yowasp_environment", "build",
            "build_auto_clock", "fastest_clock", "make_report", "parse_yosys_cells", "parse_module_stats",
@@ -375,11 +379,18 @@ def build(board_name: str, output: str | None = None, *, clock_hz: int | None = 
     log(f"elaborating {top.geometry.describe()} at {top.clock_hz / 1e6:g} MHz for the {board.device}")
     # abc9 maps for the delays of the device family (the UltraPlus parts are slower than the HX ones).
     synth_opts = ["-device", "u" if board.device.startswith("iCE40UP") else "hx"]
+    failure = None
     try:
         with yowasp_environment(tools):
             plan = platform.prepare(top, name=name, nextpnr_opts=nextpnr_opts, synth_opts=synth_opts)
     except Exception as exc:  # the gateware itself failed to elaborate: an internal error, reported as such
-        raise BuildError(f"elaboration failed: {type(exc).__name__}: {exc}") from exc
+        failure = f"elaboration failed: {type(exc).__name__}: {exc}"
+    if failure is not None:
+        # The half-built design's parts would each warn that they were never used; they are not the news.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnusedElaboratable)
+            gc.collect()
+        raise BuildError(failure)
     work = tempfile.mkdtemp(prefix=f".opentsu-build-{board_name}-", dir=parent)
     ok = False
     try:

@@ -5,6 +5,7 @@
 test here that places and routes.
 """
 
+import gc
 import json
 import os
 import re
@@ -308,6 +309,23 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_build_reports_an_elaboration_failure_and_leaves_nothing(tmp_path, monkeypatch):
+    import opentsu.boards.top
+    from opentsu.gateware.device import Device
+    from opentsu.gateware.uart import UARTRx
+
+    class BrokenDevice(Device):
+        def elaborate(self, platform):
+            UARTRx(4)                      # made, then abandoned by the failure: must not warn
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(opentsu.boards.top, "Device", BrokenDevice)
+    with pytest.raises(BuildError, match="^elaboration failed: RuntimeError: boom$"):
+        build("icebreaker", str(tmp_path / "b"))
+    assert os.listdir(tmp_path) == []
+    gc.collect()    # any abandoned part of the design would warn now, and the warning fails the test
 
 
 def _fake_tool(directory, name):
