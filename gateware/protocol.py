@@ -98,6 +98,7 @@ class CommandEngine(wiring.Component):
                             True, False),
             Region.SEQUENCE: (word_bytes(Region.SEQUENCE, ident.degree), 2 * SEQUENCE_DEPTH, True, True),
             Region.REGS: (4, len(Reg), False, True),
+            Region.MOMENTS: (2, 5 << (lb + tb), False, True),
         }
 
     def elaborate(self, platform):

@@ -128,3 +128,39 @@ def run_sample(backend, program, n, chains, burn_in, thin, seed, port=None) -> n
     if not parts:
         return np.zeros((0, program.n_model), dtype=np.int8)
     return np.concatenate(parts, axis=0).astype(np.int8)
+
+
+def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None):
+    """On-chip moments (``sequence.moments_sequence``): ``emulator.Moments`` with one row per chain, chain
+    ``c`` counting its ``emulator.chain_counts`` share of ``n`` samples. The reference backend is the
+    emulator, whose counts the devices match bit for bit."""
+    from .emulator import Emulator, Moments, chain_counts
+    from .sequence import SequenceError, moments_sequence
+    if chains < 1 or n < 0:
+        raise UsageError("need at least one chain and a non-negative sample count")
+    if not hasattr(program.geometry, "moment_partners"):
+        raise UsageError("the model has no grid: on-chip moments need a fabric")
+    counts = chain_counts(n, chains)
+    try:
+        sequences = [moments_sequence(count, burn_in, thin) for count in counts]
+    except SequenceError as exc:
+        raise _sequence_error(exc) from None
+    parts = []
+    if backend == "reference":
+        for chain, ops in enumerate(sequences):
+            emu = Emulator(program, chains=1, seed=seed, first_chain=chain)
+            try:
+                emu.run(ops)
+            finally:
+                emu.close()
+            parts.append(emu.moments)
+        return Moments.concatenate(parts)
+    with open_device(backend, program, port) as device:
+        try:
+            device.load_program(program)
+            for chain, ops in enumerate(sequences):
+                device.run(program, ops, seed=seed, chain=chain)
+                parts.append(device.read_moments(program))
+        except SequenceError as exc:
+            raise _sequence_error(exc) from None
+    return Moments.concatenate(parts)

@@ -90,6 +90,31 @@ def cmd_sample(args):
 
 
 # --------------------------------------------------------------------------------------------------
+# moments
+
+def cmd_moments(args):
+    from .backends import run_moments
+    from .fileio import atomic_write
+    _check_output(args.output)
+    model, program = _load_program(args.model, args.fabric)
+    if not program.on_fabric:
+        raise UsageError(f"{args.model}: the model has no grid; on-chip moments need a fabric")
+    if args.chains > args.n and args.n > 0:
+        raise UsageError(f"--chains {args.chains} is more than the {args.n} samples asked for")
+    start = time.perf_counter()
+    moments = run_moments(args.backend, program, args.n, args.chains, args.burn_in, args.thin, args.seed,
+                          port=args.port)
+    elapsed = time.perf_counter() - start
+    summary = moments.for_model(program)
+    with atomic_write(args.output) as f:
+        np.savez(f, samples=np.int64(summary["samples"]), mean=summary["mean"], edges=summary["edges"],
+                 correlation=summary["correlation"], per_chain_samples=moments.samples)
+    if not args.quiet:
+        print(f"moments of {summary['samples']} samples ({len(summary['edges'])} edges) on {args.backend} "
+              f"({program.geometry.describe()}) in {elapsed:.2f} s -> {args.output}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
 # compile
 
 def cmd_compile(args):
@@ -154,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "when the model fits it")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("moments", help="⟨s_i⟩ and ⟨s_i s_j⟩ over the fabric's edges, counted on chip")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz",
+                   help="samples, mean (n,), edges (E, 2) and correlation (E,)")
+    p.add_argument("--backend", choices=("reference", "sim", "verilator", "board"), default="reference")
+    p.add_argument("-n", type=_positive("count"), default=1000, help="samples counted in total, across chains")
+    p.add_argument("--chains", type=_positive("chain count"), default=4)
+    p.add_argument("--burn-in", type=_positive("count"), default=100, help="sweeps per chain before counting")
+    p.add_argument("--thin", type=_positive("thinning"), default=1, help="sweeps between counted samples")
+    p.add_argument("--seed", type=_positive("seed"), default=0)
+    p.add_argument("--port", help="serial port of the board backend")
+    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_moments)
 
     p = sub.add_parser("compile", help="compile a model file into a fabric program image")
     p.add_argument("model", metavar="MODEL.npz")

@@ -79,6 +79,33 @@ class Moments:
     def correlations(self) -> np.ndarray:
         return 2.0 * self.agree / np.maximum(self.samples, 1)[:, None, None] - 1.0
 
+    def total(self) -> "Moments":
+        """The counts of all chains added together (one chain's worth of arrays)."""
+        return Moments(self.samples.sum(keepdims=True), self.plus.sum(axis=0, keepdims=True),
+                       self.agree.sum(axis=0, keepdims=True))
+
+    @staticmethod
+    def concatenate(parts) -> "Moments":
+        return Moments(np.concatenate([p.samples for p in parts]), np.concatenate([p.plus for p in parts]),
+                       np.concatenate([p.agree for p in parts]))
+
+    def for_model(self, program) -> dict:
+        """All chains together, in the model's terms: ``samples``, ``mean`` (n_model,), ``edges`` (E, 2) of
+        model node pairs (each fabric edge between two model nodes, once) and their ``correlation`` (E,)."""
+        total = self.total()
+        fabric_of = np.asarray(program.node_map)
+        model_of = np.full(program.geometry.n, -1, dtype=np.int64)
+        model_of[fabric_of] = np.arange(len(fabric_of))
+        partners = program.geometry.moment_partners
+        edges, corr = [], []
+        for i, fi in enumerate(fabric_of):
+            for k, fj in enumerate(partners[fi]):
+                if model_of[fj] >= 0:
+                    edges.append((i, model_of[fj]))
+                    corr.append(total.correlations[0, fi, k])
+        return {"samples": int(total.samples[0]), "mean": total.means[0, fabric_of],
+                "edges": np.array(edges, dtype=np.int64).reshape(-1, 2), "correlation": np.array(corr)}
+
     def __eq__(self, other):
         return (isinstance(other, Moments) and np.array_equal(self.samples, other.samples)
                 and np.array_equal(self.plus, other.plus) and np.array_equal(self.agree, other.agree))

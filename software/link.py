@@ -390,6 +390,22 @@ class Link:
 
 # ------------------------------------------------------------------------------------------------- device API
 
+def fabric_cycles(ops, geometry) -> int:
+    """Clock cycles a fabric takes for a sequence, roughly (an upper estimate, for timeouts)."""
+    from .devicemap import moment_kinds
+    from .sequence import Opcode, sweeps
+    per_sweep = geometry.cycles + 8
+    total = 200 + sweeps(ops) * per_sweep
+    for op in ops:
+        if op.code is Opcode.CAPTURE:
+            total += op.arg * per_sweep
+        elif op.code is Opcode.ACCUMULATE:
+            total += op.arg * (4 * moment_kinds(geometry.degree) * geometry.cycles + 8)
+        elif op.code is Opcode.LOAD:
+            total += 4 * per_sweep
+    return total
+
+
 class Device:
     """The device API: identify, load programs, run sequences, read samples and status.
 
@@ -565,20 +581,10 @@ class Device:
         from .sequence import Opcode, captures
         g = program.geometry
         ident = self.identity
+        accumulates = any(op.code is Opcode.ACCUMULATE for op in ops)
         self.writes(seed_writes(seed, chain, g.lanes) + sequence_writes(ops))
         expected = captures(ops) * g.cycles
-        thin = 1
-        sweeps = 0
-        for op in ops:   # sweeps the fabric runs, for the time estimate
-            if op.code is Opcode.THIN:
-                thin = op.arg
-            elif op.code in (Opcode.SWEEP, Opcode.RANDOMIZE):
-                sweeps += op.arg if op.code is Opcode.SWEEP else 1
-            elif op.code is Opcode.CAPTURE:
-                sweeps += (op.arg - 1) * thin + op.arg   # the sweeps between samples, and the read passes
-            elif op.code is Opcode.LOAD:
-                sweeps += 3
-        fabric_time = sweeps * (g.cycles + 8) / ident.clock_hz
+        fabric_time = fabric_cycles(ops, g) / ident.clock_hz
         wire_time = expected * ident.sample_word_bytes * self.link.byte_time
         if timeout is None:
             timeout = 10 * self.link.timeout + 4 * (fabric_time + wire_time)
@@ -610,8 +616,24 @@ class Device:
                                 f"{timeout:.3g} s (device time)")
             left = fabric_time - (self.transport.now() - started)
             self.transport.idle(min(poll, max(20 * self.link.byte_time, left)))
+        while accumulates and self.flags & Flags.RUNNING:   # moments are complete when the run ends
+            if self.transport.now() > deadline:
+                self.stop()
+                raise LinkError(f"the device did not finish its accumulation in {timeout:.3g} s (device time)")
+            left = fabric_time - (self.transport.now() - started)
+            self.transport.idle(min(poll, max(20 * self.link.byte_time, left)))
+            self.status()
         caps = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, expected, g.cycles)]
         return np.array(caps, dtype=np.int8).reshape(-1, g.n)
+
+    def read_moments(self, program):
+        """The on-chip moments of the last run (``emulator.Moments`` of one chain, by fabric node)."""
+        from .devicemap import Reg, Region, moments_from_words, region_words
+        g = program.geometry
+        count = region_words(Region.MOMENTS, g.lanes, g.cycles, g.degree, g.config.layers)
+        words = self.read_words(Region.MOMENTS, 0, count)
+        samples = self.read_words(Region.REGS, Reg.MOMENT_SAMPLES, 1)[0]
+        return moments_from_words(words, samples, g)
 
     def _fabric_problem(self) -> str:
         if not self.flags & Flags.FABRIC_ERROR:
