@@ -18,6 +18,10 @@ def atomic_write(path):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".opentsu-", suffix=".part", dir=directory)
     try:
+        # mkstemp makes the file private (0600); give it the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)

@@ -121,3 +121,16 @@ def test_bench_emulator_prints_json(model_file, capsys):
     assert code == 0
     result = json.loads(out)
     assert result["flips_per_s"] > 0 and result["chains"] == 16
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from opentsu.fileio import save_npy
+    umask = os.umask(0o022)
+    try:
+        save_npy(tmp_path / "a.npy", np.zeros(3))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.npy").st_mode) == 0o644
