@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py software/_kernel.c
 
 # The demo ends with the iCEBreaker bitstream (yowasp flow, a few minutes); it fails, with the numbers, if the
 # design does not fit the UP5K or misses its clock.
-demo: $(STAMP)
+demo: $(STAMP) verilator
 	$(VENV)/bin/opentsu demo
 	$(VENV)/bin/opentsu build --board icebreaker -o out/demo/icebreaker
 
