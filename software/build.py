@@ -594,7 +594,7 @@ def flash(board_name: str, bitstream: str, *, path: str | None = None, run=subpr
 def parse_fabric(text: str):
     """A ``FabricConfig`` from a preset name or ``ROWSxCOLS:DR,DC[;DR,DC...]:LANES[:LAYERS]``.
 
-    Example: ``16x16:0,1;2,1:8:8`` is the iCEBreaker preset. Raises ``ValueError`` with the reason.
+    Example: ``16x16:0,1;2,1:4:8`` is the iCEBreaker preset. Raises ``ValueError`` with the reason.
     """
     from .fabric import PRESETS, FabricConfig
     if text in PRESETS:

@@ -70,10 +70,12 @@ class FabricConfig:
                 f"{self.layers} layers")
 
 
-#: Fabric configurations of the supported boards (see boards/). The iCEBreaker's is the reference layer.
+#: Fabric configurations of the supported boards (see boards/ and docs/boards.md for what each costs). The
+#: iCEBreaker's is the reference layer (16×16, degree 8); its lane count is what fits the UP5K's logic cells
+#: beside the command engine, and the HX8K's what fits its 32 block RAMs.
 PRESETS = {
-    "icebreaker": FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=8, layers=8),
-    "hx8k": FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=6, layers=4),
+    "icebreaker": FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=4, layers=8),
+    "hx8k": FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=4, layers=4),
     "icestick": FabricConfig(8, 8, ((0, 1),), lanes=2, layers=2),
 }
 

@@ -276,7 +276,7 @@ def test_packer_overflow_is_a_fit_error():
 
 def test_fabric_specs_parse():
     assert parse_fabric("icebreaker") == PRESETS["icebreaker"]
-    assert parse_fabric("16x16:0,1;2,1:8:8") == PRESETS["icebreaker"]
+    assert parse_fabric("16x16:0,1;2,1:4:8") == FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=4, layers=8)
     assert parse_fabric("8x8:0,1:2") == FabricConfig(8, 8, ((0, 1),), lanes=2, layers=1)
     with pytest.raises(ValueError, match="neither a preset"):
         parse_fabric("16x16")
@@ -381,23 +381,18 @@ def test_export_verilog(tmp_path, capsys):
 
 # --- the real build ----------------------------------------------------------------------------------------------
 
-#: What CI builds for the iCEBreaker until its preset fits the UP5K (docs/boards.md has the measurements):
-#: the reference 16×16 degree-8 layer with 2 lanes, at the 18 MHz the command engine's paths allow today.
-#: When the preset fits and meets the board clock, build the board's default here: ``build("icebreaker", out)``.
-CI_ICEBREAKER = dict(fabric=FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=2, layers=8), clock_hz=18_000_000)
-
-
 def test_icebreaker_bitstream_builds_and_meets_timing(tmp_path):
-    """The whole yowasp flow for the iCEBreaker board, as CI runs it (a few minutes)."""
+    """The whole yowasp flow for the iCEBreaker board's default design, as CI and `make demo` run it."""
     out = tmp_path / "icebreaker"
-    report = build("icebreaker", str(out), **CI_ICEBREAKER)
+    report = build("icebreaker", str(out))
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == report
     assert set(REPORT_KEYS) <= set(report)
-    assert report["timing_met"] and report["fmax_mhz"] >= report["clock_mhz"] == 18.0
-    assert report["fabric"]["lanes"] == 2 and "degree 8" in report["reference_layer"]
+    board = BOARDS["icebreaker"]
+    assert report["timing_met"] and report["fmax_mhz"] >= report["clock_mhz"] == board.clock_hz / 1e6
+    assert report["fabric"]["lanes"] == board.fabric.lanes and "degree 8" in report["reference_layer"]
     pll = report["pll"]
-    assert 12 * (pll["divf"] + 1) / ((pll["divr"] + 1) * 2 ** pll["divq"]) == 18.0
+    assert 12e6 * (pll["divf"] + 1) / ((pll["divr"] + 1) * 2 ** pll["divq"]) == board.clock_hz
     assert "nextpnr" in report["tools"]["nextpnr-ice40"] and report["tools"]["yosys"].startswith("Yosys")
     assert report["flips_per_ns"] == pytest.approx(report["updates_per_cycle"] * report["clock_mhz"] / 1000)
     lc = report["utilization"]["ICESTORM_LC"]

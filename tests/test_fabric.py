@@ -5,6 +5,7 @@ from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry, VirtualGeometr
 from opentsu.topology import Grid, SparseGraph, TopologyError
 
 CONFIGS = [PRESETS["icebreaker"], PRESETS["hx8k"], PRESETS["icestick"],
+           FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=8, layers=8),
            FabricConfig(8, 8, ((0, 1),), lanes=2), FabricConfig(8, 8, ((0, 1), (2, 1)), lanes=2, latency=2),
            FabricConfig(4, 4, ((0, 1),), lanes=2, latency=1), FabricConfig(32, 32, ((0, 1), (2, 1)), lanes=8),
            FabricConfig(8, 8, ((0, 1), (1, 1)), lanes=4, latency=2), FabricConfig(12, 8, ((0, 1),), lanes=4)]
@@ -65,7 +66,7 @@ def test_capture_reads_each_final_value_once(geometry):
 
 
 def test_reference_layer_runs_eight_updates_per_cycle():
-    g = FabricGeometry(PRESETS["icebreaker"])
+    g = FabricGeometry(FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=8, layers=8))
     assert g.cycles == 32 and g.updates_per_cycle == 8 and g.hazard_slack() >= 3
     assert max(len(s) for s in g.lane_stations) == 2
 
