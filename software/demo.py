@@ -42,9 +42,9 @@ def _ising(model, program):
     mean, corr = exact_moments(model)
     z_mean, z_pair = moment_errors(samples, model)
     measured = samples.reshape(-1, model.n).mean(axis=0)
-    print(f"   {chains} chains × {per_chain} samples in {elapsed:.2f} s on the emulator; the same counts from the"
-          " fabric's on-chip accumulators (ACCUMULATE, no samples sent)")
-    print("   node   <s> samples   <s> on-chip   <s> exact   deviation/σ")
+    print(f"   {chains} chains × {per_chain} samples in {elapsed:.2f} s on the emulator; then as many sweeps again,"
+          " counted by the fabric's on-chip accumulators (ACCUMULATE: no samples leave the fabric)")
+    print("   node   <s> samples   <s> on-chip   <s> exact   samples' deviation/σ")
     for i in range(model.n):
         print(f"   {i:4d}   {measured[i]:+11.4f}   {on_chip['mean'][i]:+11.4f}   {mean[i]:+9.4f}   {z_mean[i]:+8.2f}")
     pairs = on_chip["edges"]
