@@ -243,4 +243,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run opentsu.cli's own main, not this __main__ copy, whose error classes the commands do not raise.
+    from opentsu.cli import main as cli_main
+    sys.exit(cli_main())

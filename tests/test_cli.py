@@ -134,3 +134,15 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(os.stat(tmp_path / "a.npy").st_mode) == 0o644
+
+
+@pytest.mark.parametrize("module", ["opentsu", "opentsu.cli"])
+def test_python_dash_m_reports_errors_like_the_command(module, tmp_path):
+    import subprocess
+    import sys
+    missing = tmp_path / "nope.npz"
+    result = subprocess.run([sys.executable, "-m", module, "sample", str(missing), "-o", str(tmp_path / "o.npy")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"opentsu: error: {missing}: no such file"
+    assert not (tmp_path / "o.npy").exists()
