@@ -23,6 +23,8 @@ one ``lanes``-bit word per τ on ``samples`` (bit ℓ is the spin lane ℓ sees,
 read 0) and waits on back-pressure.
 """
 
+from contextlib import contextmanager
+
 from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -275,7 +277,7 @@ class Fabric(wiring.Component):
         m.d.comb += [scratch.addr.eq(req_addr), scratch.r_en.eq(req_ren & step), scratch.w_en.eq(req_wen),
                      scratch.w_data.eq(req_wdata)]
 
-        f_valid = Signal()
+        f_valid = Signal()                  # the stream front holds a token (a sequencer flip-flop)
         f_tau = Signal(range(C))
         f_randomize = Signal()
         valid = _delay_line(m, f_valid, depth, step, "valid")
@@ -290,9 +292,7 @@ class Fabric(wiring.Component):
         with m.If(torus.rotate):
             m.d.sync += [frame.eq(Mux(frame_last, 0, frame + 1)), frame_last.eq(frame == C - 2 if C >= 2 else 1),
                          frame_zero.eq(frame_last)]
-        seed_step = Signal(range(SEED_STEPS + 1))
-        with m.If(step & f_valid):
-            m.d.comb += rng.advance.eq(1)
+        seed_ask = Signal(range(SEED_STEPS + 2))   # the seed word requested in this SEED step
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
 
         # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead.
@@ -351,7 +351,6 @@ class Fabric(wiring.Component):
         m.d.comb += [seq.r_addr.eq(seq_addr), seq.r_en.eq(seq_ren)]
         assert SEQUENCE_DEPTH & (SEQUENCE_DEPTH - 1) == 0
         past_end = op_index[-1]             # op_index == SEQUENCE_DEPTH
-        op_code = Signal(4)
         op_arg = Signal(ARG_BITS)
         arg_zero, arg_one, arg_many, arg_layer = Signal(), Signal(), Signal(), Signal()
         sweeps_left = Signal(ARG_BITS)
@@ -366,222 +365,281 @@ class Fabric(wiring.Component):
         kind = Signal(kind_bits)
         after_drain = Signal(2)
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
-        moments_full = Signal()
-        moments_empty = Signal()
-        m.d.comb += [moments_full.eq(moment_samples == MOMENT_LIMIT), moments_empty.eq(moment_samples == 0)]
+        moments_full = Signal()             # moment_samples == MOMENT_LIMIT
+        moments_empty = Signal(init=1)      # moment_samples == 0
         moment_increment = Signal(max(1, banks))
+        moment_drop = Signal()              # the next write is a moment counter's first sample
+        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0)]
+        m.d.comb += [increment.eq(moment_increment), drop_old.eq(moment_drop)]
+
+        # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
+        # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
+        # (a binary-coded FSM put five LUT levels between its state register and itself). `f_valid`, the
+        # stream front's valid bit, is kept the same way for the two states that feed the stream.
+        fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
+        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
+                  "TAKE", "TAKE_SWEEPS", "FINISH", "STOPPED"]
+        in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
+        front_states = ("STREAM", "TAKE_SWEEPS")
+        current = []                        # the states defined so far; the last is the one being built
+
+        @contextmanager
+        def state(name):
+            current.append(name)
+            with m.If(in_state[name]):
+                yield
+
+        def goto(name):
+            leaving = current[-1]
+            assert name != leaving
+            m.d.sync += [in_state[leaving].eq(0), in_state[name].eq(1)]
+            if (leaving in front_states) != (name in front_states):
+                m.d.sync += f_valid.eq(name in front_states)
+
+        # Wide registers that several states write take their value through one enabled assignment
+        # (`put`): written in state blocks directly, yosys did not find their clock enables and spent a
+        # LUT per bit on holding them.
+        held = {}
+        for reg in (f_tau, sweeps_left, sweeps_count, takes_left, thin, op_index, moment_samples):
+            enable, value_next = Signal(name=f"{reg.name}_put"), Signal.like(reg, name=f"{reg.name}_next")
+            with m.If(enable):
+                m.d.sync += reg.eq(value_next)
+            held[reg.name] = enable, value_next
+
+        def put(reg, value):
+            enable, value_next = held[reg.name]
+            m.d.comb += [enable.eq(1), value_next.eq(value)]
+
+        # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
+        op_end, op_sweep, op_thin, op_load, op_take, op_accumulate = (
+            Signal(name=f"op_{name}") for name in ("end", "sweep", "thin", "load", "take", "accumulate"))
 
         def restart_front():
-            m.d.sync += [f_tau.eq(0), f_tau_last.eq(C == 1)]
+            put(f_tau, 0)
+            m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
             """Move the stream front to the next τ; at the end of a sweep count it (True: a sweep ends)."""
-            m.d.sync += [f_tau.eq(Mux(f_tau_last, 0, f_tau + 1)), f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)]
+            put(f_tau, Mux(f_tau_last, 0, f_tau + 1))
+            m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
-                m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_last.eq(sweeps_left == 2),
-                             sweeps_count.eq(sweeps_count + 1)]
+                put(sweeps_left, sweeps_left - 1)
+                put(sweeps_count, sweeps_count + 1)
+                m.d.sync += sweeps_last.eq(sweeps_left == 2)
 
         def load_sweeps(value, last):
-            m.d.sync += [sweeps_left.eq(value), sweeps_last.eq(last)]
+            put(sweeps_left, value)
+            m.d.sync += sweeps_last.eq(last)
 
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
 
         def fetch(prefix, on_update, on_other):
             # An op word is two sequence words, each arriving two cycles after its request.
-            with m.State(f"{prefix}FETCH0"):
+            with state(f"{prefix}FETCH0"):
                 request_op_word(0)
-                m.next = f"{prefix}FETCH1"
-            with m.State(f"{prefix}FETCH1"):
+                goto(f"{prefix}FETCH1")
+            with state(f"{prefix}FETCH1"):
                 request_op_word(1)
-                m.next = f"{prefix}FETCH2"
-            with m.State(f"{prefix}FETCH2"):
+                goto(f"{prefix}FETCH2")
+            with state(f"{prefix}FETCH2"):
                 word = seq.r_data
                 m.d.sync += [op_arg.eq(word), arg_zero.eq(word == 0), arg_one.eq(word == 1),
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
-                m.next = f"{prefix}FETCH3"
-            with m.State(f"{prefix}FETCH3"):
+                goto(f"{prefix}FETCH3")
+            with state(f"{prefix}FETCH3"):
                 m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
-                m.d.sync += op_code.eq(code)
+                accumulate = code == Opcode.ACCUMULATE
+                m.d.sync += [op_end.eq(code == Opcode.END), op_sweep.eq(code == Opcode.SWEEP),
+                             op_thin.eq(code == Opcode.THIN), op_load.eq((code == Opcode.LOAD) & arg_layer),
+                             op_take.eq(((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero),
+                             op_accumulate.eq(accumulate)]
                 sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
                 with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
                     load_sweeps(Mux(sweep, op_arg, 1), ~sweep | arg_one)
-                    m.d.sync += [f_randomize.eq(randomizing), op_index.eq(op_index + 1)]
+                    put(op_index, op_index + 1)
+                    m.d.sync += f_randomize.eq(randomizing)
                     on_update()
                 with m.Else():
                     on_other()
 
-        def go(state):
+        def go(name):
             def action():
-                m.next = state
+                goto(name)
             return action
 
         def drain_then_decode():
             m.d.sync += after_drain.eq(AFTER_FETCH)
-            m.next = "DRAIN"
+            goto("DRAIN")
 
         def request_seed_word(k):
             m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))]
 
-        with m.FSM(name="sequencer"):
-            with m.State("IDLE"):
-                with m.If(start_pulse):
-                    m.d.sync += [op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0), thin.eq(1), thin_one.eq(1),
-                                 seed_step.eq(0), moment_samples.eq(0)]
-                    restart_front()
-                    with m.If(flags[_bit(Flags.KEEP_RNG)]):
-                        m.next = "FETCH0"
-                    with m.Else():
-                        m.d.comb += rng.reset.eq(1)
-                        request_seed_word(Const(0, 1))
-                        m.next = "SEED_PRIME"
-            with m.State("SEED_PRIME"):
-                request_seed_word(Const(1, 1))
-                m.next = "SEED"
-            with m.State("SEED"):
-                # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
-                request_seed_word(seed_step + 2)
-                m.d.comb += [rng.advance.eq(1), rng.inject.eq(scratch.r_data[0][:L])]
-                m.d.sync += seed_step.eq(seed_step + 1)
-                with m.If(seed_step == SEED_STEPS - 1):
-                    m.next = "FETCH0"
-
-            fetch("", go("STREAM"), go("DECODE"))
-
-            with m.State("DECODE"):
-                with m.If(stop_request | past_end | (op_code == Opcode.END)):
-                    m.next = "FINISH"
-                with m.Elif(op_code == Opcode.SWEEP):  # SWEEP 0
-                    m.d.sync += op_index.eq(op_index + 1)
-                    m.next = "FETCH0"
-                with m.Elif(op_code == Opcode.THIN):
-                    m.d.sync += [thin.eq(op_arg), thin_one.eq(arg_one), op_index.eq(op_index + 1)]
-                    m.next = "FETCH0"
-                with m.Elif((op_code == Opcode.LOAD) & arg_layer):
-                    m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0)]
-                    m.next = "LOAD"
-                with m.Elif(((op_code == Opcode.CAPTURE) | ((op_code == Opcode.ACCUMULATE) & self._moments))
-                            & ~arg_zero):
-                    m.d.sync += [takes_left.eq(op_arg), takes_more.eq(arg_many), op_index.eq(op_index + 1),
-                                 phase.eq(0), kind.eq(0), accumulating.eq(op_code == Opcode.ACCUMULATE),
-                                 moment_pass.eq(op_code == Opcode.ACCUMULATE)]
-                    m.next = "TAKE"
+        m.d.comb += rng.advance.eq((step & f_valid) | in_state["SEED"])
+        with state("IDLE"):
+            with m.If(start_pulse):
+                for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
+                    put(reg, value)
+                m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
+                             moments_full.eq(0)]
+                restart_front()
+                with m.If(flags[_bit(Flags.KEEP_RNG)]):
+                    goto("FETCH0")
                 with m.Else():
-                    m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
-                    m.next = "FINISH"
+                    m.d.comb += rng.reset.eq(1)
+                    request_seed_word(Const(0, 1))
+                    goto("SEED_PRIME")
+        with state("SEED_PRIME"):
+            request_seed_word(Const(1, 1))
+            goto("SEED")
+        with state("SEED"):
+            # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
+            request_seed_word(seed_ask)
+            m.d.comb += rng.inject.eq(scratch.r_data[0][:L])
+            m.d.sync += seed_ask.eq(seed_ask + 1)
+            with m.If(seed_ask == SEED_STEPS + 1):
+                goto("FETCH0")
 
-            with m.State("STREAM"):
-                m.d.comb += f_valid.eq(1)
-                advance_front()
-                with m.If(f_tau_last):
-                    with m.If(stop_request):  # STOP ends the run at the next sweep boundary
-                        m.d.sync += after_drain.eq(AFTER_END)
-                        m.next = "DRAIN"
-                    with m.Elif(sweeps_last):
-                        m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
-                        m.next = "STREAM_FETCH0"
+        fetch("", go("STREAM"), go("DECODE"))
 
-            # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
-            fetch("STREAM_", go("STREAM"), drain_then_decode)
+        with state("DECODE"):
+            with m.If(stop_request | past_end | op_end):
+                goto("FINISH")
+            with m.Elif(op_sweep):  # SWEEP 0
+                put(op_index, op_index + 1)
+                goto("FETCH0")
+            with m.Elif(op_thin):
+                put(op_index, op_index + 1)
+                put(thin, op_arg)
+                m.d.sync += thin_one.eq(arg_one)
+                goto("FETCH0")
+            with m.Elif(op_load):
+                put(op_index, op_index + 1)
+                m.d.sync += [layer.eq(op_arg), phase.eq(0)]
+                goto("LOAD")
+            with m.Elif(op_take):
+                put(op_index, op_index + 1)
+                put(takes_left, op_arg)
+                m.d.sync += [takes_more.eq(arg_many), phase.eq(0), kind.eq(0), accumulating.eq(op_accumulate),
+                             moment_pass.eq(op_accumulate)]
+                goto("TAKE")
+            with m.Else():
+                m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
+                goto("FINISH")
 
-            with m.State("DRAIN"):
-                with m.If(~in_flight):
-                    m.next = "REALIGN"
-            with m.State("REALIGN"):
-                with m.If(~frame_zero):
-                    m.d.comb += read_rotate.eq(1)
+        with state("STREAM"):
+            advance_front()
+            with m.If(f_tau_last):
+                with m.If(stop_request):  # STOP ends the run at the next sweep boundary
+                    m.d.sync += after_drain.eq(AFTER_END)
+                    goto("DRAIN")
+                with m.Elif(sweeps_last):
+                    m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
+                    goto("STREAM_FETCH0")
+
+        # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
+        fetch("STREAM_", go("STREAM"), drain_then_decode)
+
+        with state("DRAIN"):
+            with m.If(~in_flight):
+                goto("REALIGN")
+        with state("REALIGN"):
+            with m.If(~frame_zero):
+                m.d.comb += read_rotate.eq(1)
+            with m.Else():
+                restart_front()
+                with m.Switch(after_drain):
+                    with m.Case(AFTER_FETCH):
+                        goto("DECODE")
+                    with m.Case(AFTER_TAKE):
+                        m.d.sync += moment_pass.eq(accumulating)
+                        goto("TAKE")
+                    with m.Default():
+                        goto("STOPPED")
+
+        with state("LOAD"):
+            # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
+            # first where the lane's station spin x is +1 and from the second where it is -1 (byte
+            # enables do the choosing: b = h + c·x).
+            m.d.sync += phase.eq(phase + 1)
+            with m.Switch(phase):
+                for k in (0, 1):
+                    with m.Case(k):
+                        m.d.comb += [next_ren.eq(1),
+                                     next_addr.eq(scratch_address("params", Cat(Const(k, 1), frame, layer)))]
+                for k in (0, 1):
+                    with m.Case(2 + k):
+                        picks = here if k == 0 else ~here
+                        m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
+                                     next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
+            with m.If(phase == 3):
+                m.d.comb += read_rotate.eq(1)
+                with m.If(frame_last):
+                    goto("FETCH0")
+
+        with state("TAKE"):
+            end_of_pass = Signal()
+            with m.If(~accumulating):
+                # A capture pass: one word per τ on `samples`, waiting on back-pressure.
+                m.d.comb += self.samples.valid.eq(1)
+                with m.If(self.samples.ready):
+                    m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
+            if self._moments:
                 with m.Else():
-                    restart_front()
-                    with m.Switch(after_drain):
-                        with m.Case(AFTER_FETCH):
-                            m.next = "DECODE"
-                        with m.Case(AFTER_TAKE):
-                            m.d.sync += moment_pass.eq(accumulating)
-                            m.next = "TAKE"
-                        with m.Default():
-                            m.next = "STOPPED"
-
-            with m.State("LOAD"):
-                # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
-                # first where the lane's station spin x is +1 and from the second where it is -1 (byte
-                # enables do the choosing: b = h + c·x).
-                m.d.sync += phase.eq(phase + 1)
-                with m.Switch(phase):
-                    for k in (0, 1):
-                        with m.Case(k):
-                            m.d.comb += [next_ren.eq(1),
-                                         next_addr.eq(scratch_address("params", Cat(Const(k, 1), frame, layer)))]
-                    for k in (0, 1):
-                        with m.Case(2 + k):
-                            picks = here if k == 0 else ~here
-                            m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
-                                         next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
-                with m.If(phase == 3):
-                    m.d.comb += read_rotate.eq(1)
-                    with m.If(frame_last):
-                        m.next = "FETCH0"
-
-            with m.State("TAKE"):
-                end_of_pass = Signal()
-                with m.If(~accumulating):
-                    # A capture pass: one word per τ on `samples`, waiting on back-pressure.
-                    m.d.comb += self.samples.valid.eq(1)
-                    with m.If(self.samples.ready):
-                        m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
-                if self._moments:
+                    # A moment pass: per τ and kind, read both halves' counters, then write them back
+                    # incremented by the lanes' bits (every counter starts from 0 with the first sample).
+                    m.d.sync += phase.eq(phase + 1)
+                    half = phase[0]
+                    m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
+                    # The bits a write adds (and whether it drops the old count) are picked the cycle
+                    # before it (phases 1 and 2).
+                    bits_ahead = Signal(banks)
+                    for b in range(banks):
+                        with m.Switch(Cat(kind, phase == 2)):
+                            for h in (0, 1):
+                                lane = 2 * b + h
+                                if lane >= L:
+                                    continue
+                                for k, bit in enumerate(moment_bits[lane]):
+                                    with m.Case(k | h << kind_bits):
+                                        m.d.comb += bits_ahead[b].eq(bit)
+                    with m.If(phase[0] ^ phase[1]):
+                        m.d.sync += [moment_increment.eq(bits_ahead & ~moments_full.replicate(banks)),
+                                     moment_drop.eq(moments_empty)]
+                    with m.If(phase[1]):
+                        m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
-                        # A moment pass: per τ and kind, read both halves' counters, then write them back
-                        # incremented by the lanes' bits (every counter starts from 0 with the first sample).
-                        m.d.sync += phase.eq(phase + 1)
-                        half = phase[0]
-                        m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
-                        # The bits a write adds are picked the cycle before it (phases 1 and 2).
-                        bits_ahead = Signal(banks)
-                        for b in range(banks):
-                            with m.Switch(Cat(kind, phase == 2)):
-                                for h in (0, 1):
-                                    lane = 2 * b + h
-                                    if lane >= L:
-                                        continue
-                                    for k, bit in enumerate(moment_bits[lane]):
-                                        with m.Case(k | h << kind_bits):
-                                            m.d.comb += bits_ahead[b].eq(bit)
-                        m.d.sync += moment_increment.eq(bits_ahead & ~moments_full.replicate(banks))
-                        with m.If(phase[1]):
-                            m.d.comb += [next_wen.eq(Const(0b11, 2).replicate(banks)), drop_old.eq(moments_empty),
-                                         increment.eq(moment_increment)]
-                        with m.Else():
-                            m.d.comb += next_ren.eq(1)
-                        with m.If(phase == 3):
-                            m.d.sync += kind.eq(kind + 1)
-                            with m.If(kind == kinds - 1):
-                                m.d.sync += kind.eq(0)
-                                m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
-                with m.If(end_of_pass):
-                    with m.If(accumulating & ~moments_full):
-                        m.d.sync += moment_samples.eq(moment_samples + 1)
-                    m.d.sync += moment_pass.eq(0)
-                    with m.If(takes_more & ~stop_request):
-                        m.d.sync += [takes_left.eq(takes_left - 1), takes_more.eq(takes_left > 2), f_randomize.eq(0)]
-                        load_sweeps(thin, thin_one)
-                        m.next = "TAKE_SWEEPS"
-                    with m.Else():
-                        m.next = "FETCH0"
-            with m.State("TAKE_SWEEPS"):
-                m.d.comb += f_valid.eq(1)
-                advance_front()
-                with m.If(f_tau_last & (sweeps_last | stop_request)):
-                    m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
-                    m.next = "DRAIN"
+                        m.d.comb += next_ren.eq(1)
+                    with m.If(phase == 3):
+                        m.d.sync += kind.eq(kind + 1)
+                        with m.If(kind == kinds - 1):
+                            m.d.sync += kind.eq(0)
+                            m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
+            with m.If(end_of_pass):
+                with m.If(accumulating & ~moments_full):
+                    put(moment_samples, moment_samples + 1)
+                    m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
+                m.d.sync += moment_pass.eq(0)
+                with m.If(takes_more & ~stop_request):
+                    put(takes_left, takes_left - 1)
+                    m.d.sync += [takes_more.eq(takes_left > 2), f_randomize.eq(0)]
+                    load_sweeps(thin, thin_one)
+                    goto("TAKE_SWEEPS")
+                with m.Else():
+                    goto("FETCH0")
+        with state("TAKE_SWEEPS"):
+            advance_front()
+            with m.If(f_tau_last & (sweeps_last | stop_request)):
+                m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
+                goto("DRAIN")
 
-            with m.State("FINISH"):
-                m.d.sync += after_drain.eq(AFTER_END)
-                m.next = "DRAIN"
-            with m.State("STOPPED"):
-                m.d.sync += running.eq(0)
-                m.next = "IDLE"
-
+        with state("FINISH"):
+            m.d.sync += after_drain.eq(AFTER_END)
+            goto("DRAIN")
+        with state("STOPPED"):
+            m.d.sync += running.eq(0)
+            goto("IDLE")
         with m.If(stop_pulse & running):
             m.d.sync += stop_request.eq(1)
 
