@@ -23,7 +23,9 @@ one ``lanes``-bit word per τ on ``samples`` (bit ℓ is the spin lane ℓ sees,
 read 0) and waits on back-pressure.
 """
 
+import operator
 from contextlib import contextmanager
+from functools import reduce
 
 from amaranth import *
 from amaranth.lib import data, stream, wiring
@@ -224,6 +226,17 @@ class Fabric(wiring.Component):
                             m.d.comb += [sel.eq(max(code, 0)), idle.eq(code < 0)]
             return sel, idle
 
+        def station_register(tau_next, enable, tau_init, lane, name):
+            """``station_rom`` of a τ register, kept in flip-flops: the ROM reads ``tau_next``, the value the
+            τ register takes when ``enable`` is high (``tau_init`` after reset)."""
+            code = int(g.station_select[tau_init, lane])
+            sel = Signal(torus.sel_bits, name=f"{name}_sel{lane}", init=max(code, 0))
+            idle = Signal(name=f"{name}_idle{lane}", init=code < 0)
+            sel_next, idle_next = station_rom(tau_next, lane, f"{name}_next")
+            with m.If(enable):
+                m.d.sync += [sel.eq(sel_next), idle.eq(idle_next)]
+            return sel, idle
+
         # ---------------------------------------------------------------- control state
         running = Signal()
         m.d.comb += self.running.eq(running)
@@ -289,8 +302,9 @@ class Fabric(wiring.Component):
         # Frame comparisons the sequencer needs are kept in flip-flops, updated as the frame moves.
         frame_last = Signal(init=C == 1)    # frame == C - 1
         frame_zero = Signal(init=1)         # frame == 0
+        frame_next = Mux(frame_last, 0, frame + 1)
         with m.If(torus.rotate):
-            m.d.sync += [frame.eq(Mux(frame_last, 0, frame + 1)), frame_last.eq(frame == C - 2 if C >= 2 else 1),
+            m.d.sync += [frame.eq(frame_next), frame_last.eq(frame == C - 2 if C >= 2 else 1),
                          frame_zero.eq(frame_last)]
         seed_ask = Signal(range(SEED_STEPS + 2))   # the seed word requested in this SEED step
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
@@ -313,7 +327,7 @@ class Fabric(wiring.Component):
             sel_a = Signal.like(sel_ahead, name=f"sel_a{lane}")
             with m.If(step):
                 m.d.sync += sel_a.eq(sel_ahead)
-            sel_c, idle_c = station_rom(taus[depth], lane, "c")
+            sel_c, idle_c = station_register(taus[depth - 1], step, 0, lane, "c")
             spin_sum = SpinSum(D, P)
             m.submodules[f"spin_sum{lane}"] = spin_sum
             m.d.comb += [torus.sel_a[lane].eq(sel_a), spin_sum.spins.eq(torus.neighbours[lane]),
@@ -329,7 +343,7 @@ class Fabric(wiring.Component):
         # ---------------------------------------------------------------- read passes
         here = Signal(L)
         for lane in range(L):
-            sel_r, idle_r = station_rom(frame, lane, "r")
+            sel_r, idle_r = station_register(frame_next, torus.rotate, 0, lane, "r")
             m.d.comb += [torus.sel_r[lane].eq(sel_r), here[lane].eq(torus.here[lane] & ~idle_r)]
         m.d.comb += self.samples.payload.eq(here)
         # Moment bits per lane: kind 0 is s = +1, kind k the agreement with the partner along
@@ -362,14 +376,17 @@ class Fabric(wiring.Component):
         f_tau_last = Signal(init=C == 1)    # f_tau == C - 1
         accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
         phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
+        phase_last = Signal()               # phase == 3
         kind = Signal(kind_bits)
+        kind_last = Signal(init=kinds <= 1)  # kind == kinds - 1
         after_drain = Signal(2)
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
         moments_full = Signal()             # moment_samples == MOMENT_LIMIT
         moments_empty = Signal(init=1)      # moment_samples == 0
         moment_increment = Signal(max(1, banks))
         moment_drop = Signal()              # the next write is a moment counter's first sample
-        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0)]
+        moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
+        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0), moment_window.eq(0)]
         m.d.comb += [increment.eq(moment_increment), drop_old.eq(moment_drop)]
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
@@ -398,17 +415,20 @@ class Fabric(wiring.Component):
 
         # Wide registers that several states write take their value through one enabled assignment
         # (`put`): written in state blocks directly, yosys did not find their clock enables and spent a
-        # LUT per bit on holding them.
+        # LUT per bit on holding them. Each state puts one value, so the value is picked by the state
+        # flags alone, and the state's conditions only reach the enable.
         held = {}
         for reg in (f_tau, sweeps_left, sweeps_count, takes_left, thin, op_index, moment_samples):
             enable, value_next = Signal(name=f"{reg.name}_put"), Signal.like(reg, name=f"{reg.name}_next")
             with m.If(enable):
                 m.d.sync += reg.eq(value_next)
-            held[reg.name] = enable, value_next
+            held[reg.name] = enable, value_next, {}
 
         def put(reg, value):
-            enable, value_next = held[reg.name]
-            m.d.comb += [enable.eq(1), value_next.eq(value)]
+            enable, _, values = held[reg.name]
+            value = Value.cast(value)
+            assert repr(values.setdefault(current[-1], value)) == repr(value), "one value per state"
+            m.d.comb += enable.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
         op_end, op_sweep, op_thin, op_load, op_take, op_accumulate = (
@@ -476,7 +496,9 @@ class Fabric(wiring.Component):
         def request_seed_word(k):
             m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))]
 
-        m.d.comb += rng.advance.eq((step & f_valid) | in_state["SEED"])
+        rng_reset = Signal()
+        m.d.sync += rng_reset.eq(0)
+        m.d.comb += [rng.advance.eq((step & f_valid) | in_state["SEED"]), rng.reset.eq(rng_reset)]
         with state("IDLE"):
             with m.If(start_pulse):
                 for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
@@ -487,7 +509,7 @@ class Fabric(wiring.Component):
                 with m.If(flags[_bit(Flags.KEEP_RNG)]):
                     goto("FETCH0")
                 with m.Else():
-                    m.d.comb += rng.reset.eq(1)
+                    m.d.sync += rng_reset.eq(1)   # at the end of SEED_PRIME, which draws nothing
                     request_seed_word(Const(0, 1))
                     goto("SEED_PRIME")
         with state("SEED_PRIME"):
@@ -516,13 +538,13 @@ class Fabric(wiring.Component):
                 goto("FETCH0")
             with m.Elif(op_load):
                 put(op_index, op_index + 1)
-                m.d.sync += [layer.eq(op_arg), phase.eq(0)]
+                m.d.sync += [layer.eq(op_arg), phase.eq(0), phase_last.eq(0)]
                 goto("LOAD")
             with m.Elif(op_take):
                 put(op_index, op_index + 1)
                 put(takes_left, op_arg)
-                m.d.sync += [takes_more.eq(arg_many), phase.eq(0), kind.eq(0), accumulating.eq(op_accumulate),
-                             moment_pass.eq(op_accumulate)]
+                m.d.sync += [takes_more.eq(arg_many), phase.eq(0), phase_last.eq(0), kind.eq(0),
+                             kind_last.eq(kinds <= 1), accumulating.eq(op_accumulate), moment_pass.eq(op_accumulate)]
                 goto("TAKE")
             with m.Else():
                 m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
@@ -562,7 +584,7 @@ class Fabric(wiring.Component):
             # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
             # first where the lane's station spin x is +1 and from the second where it is -1 (byte
             # enables do the choosing: b = h + c·x).
-            m.d.sync += phase.eq(phase + 1)
+            m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
             with m.Switch(phase):
                 for k in (0, 1):
                     with m.Case(k):
@@ -573,7 +595,7 @@ class Fabric(wiring.Component):
                         picks = here if k == 0 else ~here
                         m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
                                      next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
-            with m.If(phase == 3):
+            with m.If(phase_last):
                 m.d.comb += read_rotate.eq(1)
                 with m.If(frame_last):
                     goto("FETCH0")
@@ -589,14 +611,14 @@ class Fabric(wiring.Component):
                 with m.Else():
                     # A moment pass: per τ and kind, read both halves' counters, then write them back
                     # incremented by the lanes' bits (every counter starts from 0 with the first sample).
-                    m.d.sync += phase.eq(phase + 1)
+                    m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
                     half = phase[0]
                     m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
                     # The bits a write adds (and whether it drops the old count) are picked the cycle
                     # before it (phases 1 and 2).
                     bits_ahead = Signal(banks)
                     for b in range(banks):
-                        with m.Switch(Cat(kind, phase == 2)):
+                        with m.Switch(Cat(kind, phase[1])):    # phase 1: lane 2b, phase 2: lane 2b + 1
                             for h in (0, 1):
                                 lane = 2 * b + h
                                 if lane >= L:
@@ -604,17 +626,17 @@ class Fabric(wiring.Component):
                                 for k, bit in enumerate(moment_bits[lane]):
                                     with m.Case(k | h << kind_bits):
                                         m.d.comb += bits_ahead[b].eq(bit)
-                    with m.If(phase[0] ^ phase[1]):
-                        m.d.sync += [moment_increment.eq(bits_ahead & ~moments_full.replicate(banks)),
-                                     moment_drop.eq(moments_empty)]
+                    m.d.sync += [moment_window.eq(~phase[1]),
+                                 moment_increment.eq(bits_ahead & (moment_window & ~moments_full).replicate(banks)),
+                                 moment_drop.eq(moment_window & moments_empty)]
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
                         m.d.comb += next_ren.eq(1)
-                    with m.If(phase == 3):
-                        m.d.sync += kind.eq(kind + 1)
-                        with m.If(kind == kinds - 1):
-                            m.d.sync += kind.eq(0)
+                    with m.If(phase_last):
+                        m.d.sync += [kind.eq(kind + 1), kind_last.eq(kind == kinds - 2)]
+                        with m.If(kind_last):
+                            m.d.sync += [kind.eq(0), kind_last.eq(kinds <= 1)]
                             m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
                 with m.If(accumulating & ~moments_full):
@@ -640,12 +662,15 @@ class Fabric(wiring.Component):
         with state("STOPPED"):
             m.d.sync += running.eq(0)
             goto("IDLE")
+        for _, value_next, values in held.values():
+            picked = [Mux(in_state[name], value, 0) for name, value in values.items()]
+            m.d.comb += value_next.eq(reduce(operator.or_, picked))
         with m.If(stop_pulse & running):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
         # The bus is registered on the way in, with its region decoded: the decode then starts from
-        # flip-flops. Writes land a cycle or two later; read data comes three cycles after `r_en`, with
+        # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
         # `r_valid`.
         bus_addr = Signal.like(self.bus.addr)
         bus_w_en, bus_r_en = Signal(), Signal()
@@ -655,6 +680,9 @@ class Fabric(wiring.Component):
                      bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
         m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
                      for region, flag in is_region.items()]
+        reg_bits = (len(Reg) - 1).bit_length()
+        is_register = Signal()              # the offset's high bits are 0: a register write may decode
+        m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
         memory_write = bus_w_en & ~is_region[Region.REGS]
         with m.If(memory_write & running):
@@ -691,8 +719,8 @@ class Fabric(wiring.Component):
             m.d.comb += [next_addr.eq(scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])),
                          next_wen.eq(0b11), use_bus_data.eq(1)]
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
-        with m.If(bus_w_en & is_region[Region.REGS]):
-            with m.Switch(offset):
+        with m.If(bus_w_en & is_region[Region.REGS] & is_register):
+            with m.Switch(offset[:reg_bits]):
                 with m.Case(Reg.CONTROL):
                     with m.If(bus_w_data[_bit(Control.START)] & ~running):
                         m.d.sync += [start_pulse.eq(1), running.eq(1)]
@@ -707,8 +735,10 @@ class Fabric(wiring.Component):
         read_offset = Signal(range(len(Reg)))
         read_bank = Signal(range(banks))
         read_memory_ok = Signal()
-        answer = Signal()
-        m.d.sync += [answer.eq(bus_r_en), self.bus.r_valid.eq(answer)]
+        answer = Signal(2)
+        m.d.sync += [answer.eq(Cat(bus_r_en, answer[0])), self.bus.r_valid.eq(answer[1])]
+        r_data = Signal.like(self.bus.r_data)   # registered on the way out, beside r_valid
+        m.d.sync += self.bus.r_data.eq(r_data)
         with m.If(bus_r_en):
             m.d.sync += [flag.eq(is_region[region]) for region, flag in read_region.items()]
             m.d.sync += [read_offset.eq(offset), read_memory_ok.eq(~running),
@@ -730,18 +760,18 @@ class Fabric(wiring.Component):
         with m.If(read_region[Region.REGS]):
             with m.Switch(read_offset):
                 with m.Case(Reg.STATUS):
-                    m.d.comb += self.bus.r_data.eq(Cat(running, sticky[1:]))
+                    m.d.comb += r_data.eq(Cat(running, sticky[1:]))
                 with m.Case(Reg.OP_INDEX):
-                    m.d.comb += self.bus.r_data.eq(op_index)
+                    m.d.comb += r_data.eq(op_index)
                 with m.Case(Reg.SWEEPS):
-                    m.d.comb += self.bus.r_data.eq(sweeps_count)
+                    m.d.comb += r_data.eq(sweeps_count)
                 with m.Case(Reg.FLAGS):
-                    m.d.comb += self.bus.r_data.eq(flags)
+                    m.d.comb += r_data.eq(flags)
                 with m.Case(Reg.MOMENT_SAMPLES):
-                    m.d.comb += self.bus.r_data.eq(moment_samples)
+                    m.d.comb += r_data.eq(moment_samples)
         with m.If(read_memory_ok):
             with m.If(read_region[Region.PARAMS] | (read_region[Region.MOMENTS] if self._moments else 0)):
-                m.d.comb += self.bus.r_data.eq(bank_word)
+                m.d.comb += r_data.eq(bank_word)
             with m.If(read_region[Region.SEQUENCE]):
-                m.d.comb += self.bus.r_data.eq(seq.r_data)
+                m.d.comb += r_data.eq(seq.r_data)
         return m

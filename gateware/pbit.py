@@ -18,6 +18,23 @@ def theta_bits(degree: int) -> int:
     return field_bits(degree) + 1
 
 
+def _leading_zeros(m, bits):
+    """``(any, count)`` for a power-of-two number of bits: whether one is set, and how many zeros lie
+    above the highest one, as a balanced tree (two levels of logic per factor of four)."""
+    if len(bits) == 1:
+        return bits[0], Const(0, 0)
+    half = len(bits) // 2
+    assert half * 2 == len(bits) and half & (half - 1) == 0
+    any_lo, count_lo = _leading_zeros(m, bits[:half])
+    any_hi, count_hi = _leading_zeros(m, bits[half:])
+    # Kept wires from the 4-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
+    # deep chain (six LUT levels instead of three).
+    attrs = {"keep": 1} if len(bits) >= 4 else {}
+    any_, count = Signal(attrs=attrs), Signal(len(count_hi) + 1, attrs=attrs)
+    m.d.comb += [any_.eq(any_lo | any_hi), count.eq(Mux(any_hi, count_hi, Cat(count_lo, Const(1, 1))))]
+    return any_, count
+
+
 class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
@@ -63,10 +80,9 @@ class Threshold(wiring.Component):
         mant1 = Signal(p.mant_bits)
         field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
-        m.d.comb += octave.eq(p.exp_bits)
-        for bit in range(p.exp_bits):  # later (higher) bits win: the leading one decides
-            with m.If(field[bit]):
-                m.d.comb += octave.eq(p.exp_bits - 1 - bit)
+        # A one below the field makes the all-zero field count p.exp_bits; the count is a balanced tree
+        # (three LUT levels for 16 bits), not a chain of priority multiplexers.
+        m.d.comb += octave.eq(_leading_zeros(m, Cat(Const(1, 1), field))[1])
         with m.If(self.en):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
@@ -97,11 +113,17 @@ class Threshold(wiring.Component):
         with m.If(self.en):
             m.d.sync += [fold2.eq(fold1), base2.eq(base), below2.eq(Cat(*below))]
 
-        # Stage 3: Z = base - count (lower half) or base + count (upper half, since Z = 1 - Z_low).
-        count = sum(below2[k] for k in range(p.boundaries))
+        # Stage 3: Z = base - count (lower half) or base + count (upper half, since Z = 1 - Z_low). The
+        # signed count is a table of the comparison bits and the fold, so the stage has one carry chain.
+        delta = Signal(signed(p.boundaries.bit_length() + 1))
+        with m.Switch(Cat(below2, fold2)):
+            for code in range(1 << (p.boundaries + 1)):
+                count = bin(code & ((1 << p.boundaries) - 1)).count("1")
+                with m.Case(code):
+                    m.d.comb += delta.eq(count if code >> p.boundaries else -count)
         z3 = Signal(signed(9))
         with m.If(self.en):
-            m.d.sync += z3.eq(Mux(fold2, base2 + count, base2 - count))
+            m.d.sync += z3.eq(base2 + delta)
 
         # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
         bias = self.bias.as_signed()
