@@ -309,12 +309,15 @@ class Fabric(wiring.Component):
         seed_ask = Signal(range(SEED_STEPS + 2))   # the seed word requested in this SEED step
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
 
-        # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead.
+        # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead. Addresses
+        # are set without the conditions of the access (the enables carry those): who asks for the
+        # scratch is exclusive (stream tokens, one sequencer state, or the bus while idle), so the
+        # address is picked by flip-flops only.
         ask = bias_at - 2
+        m.d.comb += next_addr.eq(Mux(randomize[ask], scratch_address("clamps", Cat(taus[ask], layer)),
+                                     scratch_address("bias", taus[ask])))
         with m.If(valid[ask]):
-            m.d.comb += [next_ren.eq(1),
-                         next_addr.eq(Mux(randomize[ask], scratch_address("clamps", Cat(taus[ask], layer)),
-                                          scratch_address("bias", taus[ask])))]
+            m.d.comb += next_ren.eq(1)
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
@@ -386,7 +389,8 @@ class Fabric(wiring.Component):
         moment_increment = Signal(max(1, banks))
         moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
-        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0), moment_window.eq(0)]
+        moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
+        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0), moment_window.eq(0), moment_rotate.eq(0)]
         m.d.comb += [increment.eq(moment_increment), drop_old.eq(moment_drop)]
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
@@ -431,8 +435,10 @@ class Fabric(wiring.Component):
             m.d.comb += enable.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
-        op_end, op_sweep, op_thin, op_load, op_take, op_accumulate = (
-            Signal(name=f"op_{name}") for name in ("end", "sweep", "thin", "load", "take", "accumulate"))
+        # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
+        # DECODE cannot run), or one op DECODE runs.
+        op_finish, op_bad, op_sweep, op_thin, op_load, op_take, op_accumulate = (
+            Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
 
         def restart_front():
             put(f_tau, 0)
@@ -471,9 +477,12 @@ class Fabric(wiring.Component):
                 m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
                 accumulate = code == Opcode.ACCUMULATE
-                m.d.sync += [op_end.eq(code == Opcode.END), op_sweep.eq(code == Opcode.SWEEP),
-                             op_thin.eq(code == Opcode.THIN), op_load.eq((code == Opcode.LOAD) & arg_layer),
-                             op_take.eq(((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero),
+                finish = (code == Opcode.END) | past_end
+                runs = [(op_sweep, code == Opcode.SWEEP), (op_thin, code == Opcode.THIN),
+                        (op_load, (code == Opcode.LOAD) & arg_layer),
+                        (op_take, ((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero)]
+                m.d.sync += [flag.eq(~finish & value) for flag, value in runs]
+                m.d.sync += [op_finish.eq(finish), op_bad.eq(~finish & ~Cat(*(value for _, value in runs)).any()),
                              op_accumulate.eq(accumulate)]
                 sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
                 with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
@@ -493,13 +502,17 @@ class Fabric(wiring.Component):
             m.d.sync += after_drain.eq(AFTER_FETCH)
             goto("DRAIN")
 
-        def request_seed_word(k):
-            m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))]
+        def seed_address(k):
+            m.d.comb += next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))
+
+        def request_seed_word():
+            m.d.comb += next_ren.eq(1)
 
         rng_reset = Signal()
         m.d.sync += rng_reset.eq(0)
         m.d.comb += [rng.advance.eq((step & f_valid) | in_state["SEED"]), rng.reset.eq(rng_reset)]
         with state("IDLE"):
+            seed_address(Const(0, 1))
             with m.If(start_pulse):
                 for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
                     put(reg, value)
@@ -510,14 +523,16 @@ class Fabric(wiring.Component):
                     goto("FETCH0")
                 with m.Else():
                     m.d.sync += rng_reset.eq(1)   # at the end of SEED_PRIME, which draws nothing
-                    request_seed_word(Const(0, 1))
+                    request_seed_word()
                     goto("SEED_PRIME")
         with state("SEED_PRIME"):
-            request_seed_word(Const(1, 1))
+            seed_address(Const(1, 1))
+            request_seed_word()
             goto("SEED")
         with state("SEED"):
             # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
-            request_seed_word(seed_ask)
+            seed_address(seed_ask)
+            request_seed_word()
             m.d.comb += rng.inject.eq(scratch.r_data[0][:L])
             m.d.sync += seed_ask.eq(seed_ask + 1)
             with m.If(seed_ask == SEED_STEPS + 1):
@@ -526,27 +541,27 @@ class Fabric(wiring.Component):
         fetch("", go("STREAM"), go("DECODE"))
 
         with state("DECODE"):
-            with m.If(stop_request | past_end | op_end):
+            with m.If(stop_request | op_finish):
                 goto("FINISH")
-            with m.Elif(op_sweep):  # SWEEP 0
+            with m.If(~stop_request & op_sweep):  # SWEEP 0
                 put(op_index, op_index + 1)
                 goto("FETCH0")
-            with m.Elif(op_thin):
+            with m.If(~stop_request & op_thin):
                 put(op_index, op_index + 1)
                 put(thin, op_arg)
                 m.d.sync += thin_one.eq(arg_one)
                 goto("FETCH0")
-            with m.Elif(op_load):
+            with m.If(~stop_request & op_load):
                 put(op_index, op_index + 1)
                 m.d.sync += [layer.eq(op_arg), phase.eq(0), phase_last.eq(0)]
                 goto("LOAD")
-            with m.Elif(op_take):
+            with m.If(~stop_request & op_take):
                 put(op_index, op_index + 1)
                 put(takes_left, op_arg)
                 m.d.sync += [takes_more.eq(arg_many), phase.eq(0), phase_last.eq(0), kind.eq(0),
                              kind_last.eq(kinds <= 1), accumulating.eq(op_accumulate), moment_pass.eq(op_accumulate)]
                 goto("TAKE")
-            with m.Else():
+            with m.If(~stop_request & op_bad):
                 m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
                 goto("FINISH")
 
@@ -585,16 +600,16 @@ class Fabric(wiring.Component):
             # first where the lane's station spin x is +1 and from the second where it is -1 (byte
             # enables do the choosing: b = h + c·x).
             m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
+            m.d.comb += next_addr.eq(Mux(phase[1], scratch_address("bias", frame),
+                                         scratch_address("params", Cat(phase[0], frame, layer))))
             with m.Switch(phase):
                 for k in (0, 1):
                     with m.Case(k):
-                        m.d.comb += [next_ren.eq(1),
-                                     next_addr.eq(scratch_address("params", Cat(Const(k, 1), frame, layer)))]
+                        m.d.comb += next_ren.eq(1)
                 for k in (0, 1):
                     with m.Case(2 + k):
                         picks = here if k == 0 else ~here
-                        m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
-                                     next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
+                        m.d.comb += next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))
             with m.If(phase_last):
                 m.d.comb += read_rotate.eq(1)
                 with m.If(frame_last):
@@ -602,6 +617,8 @@ class Fabric(wiring.Component):
 
         with state("TAKE"):
             end_of_pass = Signal()
+            if self._moments:
+                m.d.comb += next_addr.eq(scratch_address("moments", Cat(phase[0], frame, kind)))
             with m.If(~accumulating):
                 # A capture pass: one word per τ on `samples`, waiting on back-pressure.
                 m.d.comb += self.samples.valid.eq(1)
@@ -613,7 +630,6 @@ class Fabric(wiring.Component):
                     # incremented by the lanes' bits (every counter starts from 0 with the first sample).
                     m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
                     half = phase[0]
-                    m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
                     # The bits a write adds (and whether it drops the old count) are picked the cycle
                     # before it (phases 1 and 2).
                     bits_ahead = Signal(banks)
@@ -633,11 +649,13 @@ class Fabric(wiring.Component):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
                         m.d.comb += next_ren.eq(1)
+                    m.d.sync += moment_rotate.eq((phase == 2) & kind_last)
                     with m.If(phase_last):
                         m.d.sync += [kind.eq(kind + 1), kind_last.eq(kind == kinds - 2)]
                         with m.If(kind_last):
                             m.d.sync += [kind.eq(0), kind_last.eq(kinds <= 1)]
-                            m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
+                    with m.If(moment_rotate):
+                        m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
                 with m.If(accumulating & ~moments_full):
                     put(moment_samples, moment_samples + 1)
@@ -673,10 +691,10 @@ class Fabric(wiring.Component):
         # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
         # `r_valid`.
         bus_addr = Signal.like(self.bus.addr)
-        bus_w_en, bus_r_en = Signal(), Signal()
+        bus_r_en = Signal()
         is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
         lane_hot = Signal(L)
-        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data), bus_w_en.eq(self.bus.w_en),
+        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data),
                      bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
         m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
                      for region, flag in is_region.items()]
@@ -684,10 +702,17 @@ class Fabric(wiring.Component):
         is_register = Signal()              # the offset's high bits are 0: a register write may decode
         m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
-        memory_write = bus_w_en & ~is_region[Region.REGS]
+        # Writes are decoded per region on the way in too, so a memory's write enable is one LUT away.
+        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region}
+        m.d.sync += [flag.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region))
+                     for region, flag in write_to.items()]
+        memory_write = Signal()
+        m.d.sync += memory_write.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] != Region.REGS))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
-        idle_write = memory_write & ~running
+
+        def idle_write(region):
+            return write_to[region] & ~running
 
         def fields(*widths):
             out, at = [], 0
@@ -704,22 +729,28 @@ class Fabric(wiring.Component):
         m_lane, m_tau, m_kind = fields(lbits, tbits, kind_bits)
         bank_bytes = Const(0b11, 2) << Cat(Const(0, 1), p_bank)
         m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
-        with m.If(idle_write & is_region[Region.WEIGHTS]):
+        with m.If(idle_write(Region.WEIGHTS)):
             m.d.comb += weights.w_en.eq(lane_hot)
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
-        with m.If(idle_write & is_region[Region.SEQUENCE]):
+        with m.If(idle_write(Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
-        with m.If(idle_write & is_region[Region.PARAMS]):
-            m.d.comb += [next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer))), next_wen.eq(bank_bytes),
-                         use_bus_data.eq(1)]
-        with m.If(idle_write & is_region[Region.CLAMPS]):
-            m.d.comb += [next_addr.eq(scratch_address("clamps", Cat(c_tau, c_layer))),
-                         next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
-        with m.If(idle_write & is_region[Region.SEEDS]):
-            m.d.comb += [next_addr.eq(scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])),
-                         next_wen.eq(0b11), use_bus_data.eq(1)]
+        # While idle only the bus uses the scratch; its address is picked by the region flags.
+        bus_scratch = {Region.PARAMS: scratch_address("params", Cat(p_k, p_tau, p_layer)),
+                       Region.CLAMPS: scratch_address("clamps", Cat(c_tau, c_layer)),
+                       Region.SEEDS: scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])}
+        if self._moments:
+            bus_scratch[Region.MOMENTS] = scratch_address("moments", Cat(m_lane[0], m_tau, m_kind))
+        with m.If(~running):
+            m.d.comb += next_addr.eq(reduce(operator.or_, (Mux(is_region[region], address, 0)
+                                                            for region, address in bus_scratch.items())))
+        with m.If(idle_write(Region.PARAMS)):
+            m.d.comb += [next_wen.eq(bank_bytes), use_bus_data.eq(1)]
+        with m.If(idle_write(Region.CLAMPS)):
+            m.d.comb += [next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
+        with m.If(idle_write(Region.SEEDS)):
+            m.d.comb += [next_wen.eq(0b11), use_bus_data.eq(1)]
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
-        with m.If(bus_w_en & is_region[Region.REGS] & is_register):
+        with m.If(write_to[Region.REGS] & is_register):
             with m.Switch(offset[:reg_bits]):
                 with m.Case(Reg.CONTROL):
                     with m.If(bus_w_data[_bit(Control.START)] & ~running):
@@ -745,11 +776,10 @@ class Fabric(wiring.Component):
                          read_bank.eq(Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1))]
             with m.If(~running):
                 with m.If(is_region[Region.PARAMS]):
-                    m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer)))]
+                    m.d.comb += next_ren.eq(1)
                 if self._moments:
                     with m.If(is_region[Region.MOMENTS]):
-                        m.d.comb += [next_ren.eq(1),
-                                     next_addr.eq(scratch_address("moments", Cat(m_lane[0], m_tau, m_kind)))]
+                        m.d.comb += next_ren.eq(1)
                 with m.If(is_region[Region.SEQUENCE]):
                     m.d.sync += [seq_addr.eq(offset), seq_ren.eq(1)]
         bank_word = Signal(16)
