@@ -761,19 +761,23 @@ class Fabric(wiring.Component):
                 with m.Case(Reg.STATUS):  # write ones to clear sticky bits
                     m.d.sync += sticky.eq(sticky & ~bus_w_data[:8])
 
-        read_region = {region: Signal(name=f"read_{region.name.lower()}")
-                       for region in (Region.REGS, Region.PARAMS, Region.MOMENTS, Region.SEQUENCE)}
-        read_offset = Signal(range(len(Reg)))
-        read_bank = Signal(range(banks))
-        read_memory_ok = Signal()
+        # The answer is picked by one-hot flags registered with the request: an AND-OR of the sources.
+        reg_values = {Reg.STATUS: Cat(running, sticky[1:]), Reg.OP_INDEX: op_index, Reg.SWEEPS: sweeps_count,
+                      Reg.FLAGS: flags, Reg.MOMENT_SAMPLES: moment_samples}
+        pick_reg = {reg: Signal(name=f"read_{reg.name.lower()}") for reg in reg_values}
+        pick_bank = [Signal(name=f"read_bank{b}") for b in range(banks)]
+        pick_seq = Signal()
         answer = Signal(2)
         m.d.sync += [answer.eq(Cat(bus_r_en, answer[0])), self.bus.r_valid.eq(answer[1])]
         r_data = Signal.like(self.bus.r_data)   # registered on the way out, beside r_valid
         m.d.sync += self.bus.r_data.eq(r_data)
         with m.If(bus_r_en):
-            m.d.sync += [flag.eq(is_region[region]) for region, flag in read_region.items()]
-            m.d.sync += [read_offset.eq(offset), read_memory_ok.eq(~running),
-                         read_bank.eq(Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1))]
+            read_offset = offset[:(len(Reg) - 1).bit_length()]
+            m.d.sync += [flag.eq(is_region[Region.REGS] & (read_offset == reg)) for reg, flag in pick_reg.items()]
+            banked = is_region[Region.PARAMS] | (is_region[Region.MOMENTS] if self._moments else 0)
+            bank = Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1)
+            m.d.sync += [flag.eq(~running & banked & (bank == b)) for b, flag in enumerate(pick_bank)]
+            m.d.sync += pick_seq.eq(~running & is_region[Region.SEQUENCE])
             with m.If(~running):
                 with m.If(is_region[Region.PARAMS]):
                     m.d.comb += next_ren.eq(1)
@@ -782,26 +786,7 @@ class Fabric(wiring.Component):
                         m.d.comb += next_ren.eq(1)
                 with m.If(is_region[Region.SEQUENCE]):
                     m.d.sync += [seq_addr.eq(offset), seq_ren.eq(1)]
-        bank_word = Signal(16)
-        with m.Switch(read_bank):
-            for b in range(banks):
-                with m.Case(b):
-                    m.d.comb += bank_word.eq(scratch.r_data[b])
-        with m.If(read_region[Region.REGS]):
-            with m.Switch(read_offset):
-                with m.Case(Reg.STATUS):
-                    m.d.comb += r_data.eq(Cat(running, sticky[1:]))
-                with m.Case(Reg.OP_INDEX):
-                    m.d.comb += r_data.eq(op_index)
-                with m.Case(Reg.SWEEPS):
-                    m.d.comb += r_data.eq(sweeps_count)
-                with m.Case(Reg.FLAGS):
-                    m.d.comb += r_data.eq(flags)
-                with m.Case(Reg.MOMENT_SAMPLES):
-                    m.d.comb += r_data.eq(moment_samples)
-        with m.If(read_memory_ok):
-            with m.If(read_region[Region.PARAMS] | (read_region[Region.MOMENTS] if self._moments else 0)):
-                m.d.comb += r_data.eq(bank_word)
-            with m.If(read_region[Region.SEQUENCE]):
-                m.d.comb += r_data.eq(seq.r_data)
+        sources = [(pick_reg[reg], value) for reg, value in reg_values.items()]
+        sources += [(pick_bank[b], scratch.r_data[b]) for b in range(banks)] + [(pick_seq, seq.r_data)]
+        m.d.comb += r_data.eq(reduce(operator.or_, (Mux(flag, value, 0) for flag, value in sources)))
         return m

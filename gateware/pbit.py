@@ -87,9 +87,11 @@ class Threshold(wiring.Component):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
-        # Stage 2: per octave, the folded base (1 - LO in the upper half) and the mantissa comparisons.
-        # A bound that is nonzero in a single octave becomes a constant comparison gated by that octave.
-        fold2 = Signal()
+        # Stage 2: per octave, the folded base and the mantissa comparisons. A bound that is nonzero in
+        # a single octave becomes a constant comparison gated by that octave. Z is the base plus the
+        # number of set comparison bits: in the upper half Z = 1 - Z_low = (1 - LO) + count; in the
+        # lower half Z = LO - count = (LO - boundaries) + count(inverted bits), so the bits are
+        # inverted there and stage 3 only counts.
         base2 = Signal(signed(9))
         below2 = Signal(p.boundaries)
         base = Signal(signed(9))
@@ -97,7 +99,7 @@ class Threshold(wiring.Component):
             for fold in (0, 1):
                 for e in range(p.octaves):
                     with m.Case(e | fold << len(octave1)):
-                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e])
+                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e] - p.boundaries)
         below = []
         for k, table in enumerate(bound_tables):
             used = [e for e in range(p.octaves) if table[e]]
@@ -111,19 +113,18 @@ class Threshold(wiring.Component):
                             m.d.comb += bound.eq(table[e])
                 below.append(mant1 < bound)
         with m.If(self.en):
-            m.d.sync += [fold2.eq(fold1), base2.eq(base), below2.eq(Cat(*below))]
+            m.d.sync += [base2.eq(base), below2.eq(Cat(*below) ^ (~fold1).replicate(p.boundaries))]
 
-        # Stage 3: Z = base - count (lower half) or base + count (upper half, since Z = 1 - Z_low). The
-        # signed count is a table of the comparison bits and the fold, so the stage has one carry chain.
-        delta = Signal(signed(p.boundaries.bit_length() + 1))
-        with m.Switch(Cat(below2, fold2)):
-            for code in range(1 << (p.boundaries + 1)):
-                count = bin(code & ((1 << p.boundaries) - 1)).count("1")
+        # Stage 3: Z = base + count, the count a table of the comparison bits (one LUT level), so the
+        # stage holds one carry chain.
+        count = Signal(range(p.boundaries + 1))
+        with m.Switch(below2):
+            for code in range(1 << p.boundaries):
                 with m.Case(code):
-                    m.d.comb += delta.eq(count if code >> p.boundaries else -count)
+                    m.d.comb += count.eq(bin(code).count("1"))
         z3 = Signal(signed(9))
         with m.If(self.en):
-            m.d.sync += z3.eq(base2 + delta)
+            m.d.sync += z3.eq(base2 + count)
 
         # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
         bias = self.bias.as_signed()
@@ -184,19 +185,23 @@ class SpinSum(wiring.Component):
         D, P, wbits = self._degree, self._latency, WEIGHT.bits
         sum_w = field_bits(D) + 1
         values, negatives = [], []
+        # With the borrow, `zero` resets stage A's registers (their flip-flops' own synchronous reset)
+        # rather than gating every term: a term bit is then one LUT of the weight bit and the spin.
+        late_zero = self.uses_borrow
         for d in range(D):
             neg = Signal(name=f"neg{d}")
-            m.d.comb += neg.eq(~self.spins[d] & ~self.zero)
+            m.d.comb += neg.eq(~self.spins[d] & (1 if late_zero else ~self.zero))
             term = Signal(signed(wbits), name=f"term{d}")
             weight = self.weights[d * wbits:(d + 1) * wbits].as_signed()
-            m.d.comb += term.eq(Mux(self.zero, 0, weight ^ neg.replicate(wbits).as_signed()))
+            flipped = weight ^ neg.replicate(wbits).as_signed()
+            m.d.comb += term.eq(flipped if late_zero else Mux(self.zero, 0, flipped))
             values.append(term)
             negatives.append(neg)
         levels = max(1, (D - 1).bit_length())
         cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
         if self.uses_borrow:
             # Negative spins ride as carry-ins: one per adder, the last one out on `borrow`.
-            m.d.comb += self.borrow.eq(negatives[-1])
+            m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
             level = 0
             for stage in range(P):
@@ -215,9 +220,10 @@ class SpinSum(wiring.Component):
                     break
                 regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
                 held = [Signal(name=f"neg{stage}_{k}") for k in range(len(pending))]
+                zero = self.zero if stage == 0 else Const(0, 1)
                 with m.If(self.en):
-                    m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
-                    m.d.sync += [h.eq(p) for h, p in zip(held, pending)]
+                    m.d.sync += [reg.eq(Mux(zero, 0, v)) for reg, v in zip(regs, values)]
+                    m.d.sync += [h.eq(p & ~zero) for h, p in zip(held, pending)]
                 values, pending = regs, held
             assert not pending, "every negative spin must find a carry-in"
             m.d.comb += self.spin.eq(values[0] >= self.theta)
