@@ -386,12 +386,17 @@ class Fabric(wiring.Component):
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
         moments_full = Signal()             # moment_samples == MOMENT_LIMIT
         moments_empty = Signal(init=1)      # moment_samples == 0
-        moment_increment = Signal(max(1, banks))
         moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
+        moment_write = Signal()             # phase is 2 or 3 in a moment pass, and the counters count
+        kind_bit = Signal(L)                # each lane's bit of the current kind, a cycle late
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
-        m.d.sync += [moment_increment.eq(0), moment_drop.eq(0), moment_window.eq(0), moment_rotate.eq(0)]
-        m.d.comb += [increment.eq(moment_increment), drop_old.eq(moment_drop)]
+        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), moment_write.eq(0), moment_rotate.eq(0)]
+        # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's, each picked the cycle before.
+        m.d.comb += drop_old.eq(moment_drop)
+        for b in range(banks):
+            pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
+            m.d.comb += increment[b].eq(moment_write & pair.bit_select(phase[0], 1))
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
         # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
@@ -630,20 +635,14 @@ class Fabric(wiring.Component):
                     # incremented by the lanes' bits (every counter starts from 0 with the first sample).
                     m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
                     half = phase[0]
-                    # The bits a write adds (and whether it drops the old count) are picked the cycle
-                    # before it (phases 1 and 2).
-                    bits_ahead = Signal(banks)
-                    for b in range(banks):
-                        with m.Switch(Cat(kind, phase[1])):    # phase 1: lane 2b, phase 2: lane 2b + 1
-                            for h in (0, 1):
-                                lane = 2 * b + h
-                                if lane >= L:
-                                    continue
-                                for k, bit in enumerate(moment_bits[lane]):
-                                    with m.Case(k | h << kind_bits):
-                                        m.d.comb += bits_ahead[b].eq(bit)
-                    m.d.sync += [moment_window.eq(~phase[1]),
-                                 moment_increment.eq(bits_ahead & (moment_window & ~moments_full).replicate(banks)),
+                    # The lanes' bits (and whether a write drops the old count) are taken the cycle before
+                    # the write (phases 1 and 2, when the neighbour stations are current).
+                    for lane in range(L):
+                        with m.Switch(kind):
+                            for k, bit in enumerate(moment_bits[lane]):
+                                with m.Case(k):
+                                    m.d.sync += kind_bit[lane].eq(bit)
+                    m.d.sync += [moment_window.eq(~phase[1]), moment_write.eq(moment_window & ~moments_full),
                                  moment_drop.eq(moment_window & moments_empty)]
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
