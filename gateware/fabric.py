@@ -23,6 +23,10 @@ one ``lanes``-bit word per τ on ``samples`` (bit ℓ is the spin lane ℓ sees,
 read 0) and waits on back-pressure.
 """
 
+import operator
+from contextlib import contextmanager
+from functools import reduce
+
 from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -222,6 +226,17 @@ class Fabric(wiring.Component):
                             m.d.comb += [sel.eq(max(code, 0)), idle.eq(code < 0)]
             return sel, idle
 
+        def station_register(tau_next, enable, tau_init, lane, name):
+            """``station_rom`` of a τ register, kept in flip-flops: the ROM reads ``tau_next``, the value the
+            τ register takes when ``enable`` is high (``tau_init`` after reset)."""
+            code = int(g.station_select[tau_init, lane])
+            sel = Signal(torus.sel_bits, name=f"{name}_sel{lane}", init=max(code, 0))
+            idle = Signal(name=f"{name}_idle{lane}", init=code < 0)
+            sel_next, idle_next = station_rom(tau_next, lane, f"{name}_next")
+            with m.If(enable):
+                m.d.sync += [sel.eq(sel_next), idle.eq(idle_next)]
+            return sel, idle
+
         # ---------------------------------------------------------------- control state
         running = Signal()
         m.d.comb += self.running.eq(running)
@@ -275,7 +290,7 @@ class Fabric(wiring.Component):
         m.d.comb += [scratch.addr.eq(req_addr), scratch.r_en.eq(req_ren & step), scratch.w_en.eq(req_wen),
                      scratch.w_data.eq(req_wdata)]
 
-        f_valid = Signal()
+        f_valid = Signal()                  # the stream front holds a token (a sequencer flip-flop)
         f_tau = Signal(range(C))
         f_randomize = Signal()
         valid = _delay_line(m, f_valid, depth, step, "valid")
@@ -287,20 +302,22 @@ class Fabric(wiring.Component):
         # Frame comparisons the sequencer needs are kept in flip-flops, updated as the frame moves.
         frame_last = Signal(init=C == 1)    # frame == C - 1
         frame_zero = Signal(init=1)         # frame == 0
+        frame_next = Mux(frame_last, 0, frame + 1)
         with m.If(torus.rotate):
-            m.d.sync += [frame.eq(Mux(frame_last, 0, frame + 1)), frame_last.eq(frame == C - 2 if C >= 2 else 1),
+            m.d.sync += [frame.eq(frame_next), frame_last.eq(frame == C - 2 if C >= 2 else 1),
                          frame_zero.eq(frame_last)]
-        seed_step = Signal(range(SEED_STEPS + 1))
-        with m.If(step & f_valid):
-            m.d.comb += rng.advance.eq(1)
+        seed_ask = Signal(range(SEED_STEPS + 2))   # the seed word requested in this SEED step
         m.d.comb += [weights.r_en.eq(step), weights.r_addr.eq(Cat(taus[lead - 1], layer))]
 
-        # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead.
+        # Bias reads, two steps ahead; RANDOMIZE tokens read the layer's clamp row instead. Addresses
+        # are set without the conditions of the access (the enables carry those): who asks for the
+        # scratch is exclusive (stream tokens, one sequencer state, or the bus while idle), so the
+        # address is picked by flip-flops only.
         ask = bias_at - 2
+        m.d.comb += next_addr.eq(Mux(randomize[ask], scratch_address("clamps", Cat(taus[ask], layer)),
+                                     scratch_address("bias", taus[ask])))
         with m.If(valid[ask]):
-            m.d.comb += [next_ren.eq(1),
-                         next_addr.eq(Mux(randomize[ask], scratch_address("clamps", Cat(taus[ask], layer)),
-                                          scratch_address("bias", taus[ask])))]
+            m.d.comb += next_ren.eq(1)
 
         for lane in range(L):
             bank, half = lane // 2, lane % 2
@@ -313,7 +330,7 @@ class Fabric(wiring.Component):
             sel_a = Signal.like(sel_ahead, name=f"sel_a{lane}")
             with m.If(step):
                 m.d.sync += sel_a.eq(sel_ahead)
-            sel_c, idle_c = station_rom(taus[depth], lane, "c")
+            sel_c, idle_c = station_register(taus[depth - 1], step, 0, lane, "c")
             spin_sum = SpinSum(D, P)
             m.submodules[f"spin_sum{lane}"] = spin_sum
             m.d.comb += [torus.sel_a[lane].eq(sel_a), spin_sum.spins.eq(torus.neighbours[lane]),
@@ -329,7 +346,7 @@ class Fabric(wiring.Component):
         # ---------------------------------------------------------------- read passes
         here = Signal(L)
         for lane in range(L):
-            sel_r, idle_r = station_rom(frame, lane, "r")
+            sel_r, idle_r = station_register(frame_next, torus.rotate, 0, lane, "r")
             m.d.comb += [torus.sel_r[lane].eq(sel_r), here[lane].eq(torus.here[lane] & ~idle_r)]
         m.d.comb += self.samples.payload.eq(here)
         # Moment bits per lane: kind 0 is s = +1, kind k the agreement with the partner along
@@ -351,7 +368,6 @@ class Fabric(wiring.Component):
         m.d.comb += [seq.r_addr.eq(seq_addr), seq.r_en.eq(seq_ren)]
         assert SEQUENCE_DEPTH & (SEQUENCE_DEPTH - 1) == 0
         past_end = op_index[-1]             # op_index == SEQUENCE_DEPTH
-        op_code = Signal(4)
         op_arg = Signal(ARG_BITS)
         arg_zero, arg_one, arg_many, arg_layer = Signal(), Signal(), Signal(), Signal()
         sweeps_left = Signal(ARG_BITS)
@@ -363,245 +379,339 @@ class Fabric(wiring.Component):
         f_tau_last = Signal(init=C == 1)    # f_tau == C - 1
         accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
         phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
+        phase_last = Signal()               # phase == 3
         kind = Signal(kind_bits)
+        kind_last = Signal(init=kinds <= 1)  # kind == kinds - 1
         after_drain = Signal(2)
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
-        moments_full = Signal()
-        moments_empty = Signal()
-        m.d.comb += [moments_full.eq(moment_samples == MOMENT_LIMIT), moments_empty.eq(moment_samples == 0)]
-        moment_increment = Signal(max(1, banks))
+        moments_full = Signal()             # moment_samples == MOMENT_LIMIT
+        moments_empty = Signal(init=1)      # moment_samples == 0
+        moment_drop = Signal()              # the next write is a moment counter's first sample
+        moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
+        moment_write = Signal()             # phase is 2 or 3 in a moment pass, and the counters count
+        kind_bit = Signal(L)                # each lane's bit of the current kind, a cycle late
+        moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
+        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), moment_write.eq(0), moment_rotate.eq(0)]
+        # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's, each picked the cycle before.
+        m.d.comb += drop_old.eq(moment_drop)
+        for b in range(banks):
+            pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
+            m.d.comb += increment[b].eq(moment_write & pair.bit_select(phase[0], 1))
+
+        # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
+        # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
+        # (a binary-coded FSM put five LUT levels between its state register and itself). `f_valid`, the
+        # stream front's valid bit, is kept the same way for the two states that feed the stream.
+        fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
+        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
+                  "TAKE", "TAKE_SWEEPS", "FINISH", "STOPPED"]
+        in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
+        front_states = ("STREAM", "TAKE_SWEEPS")
+        current = []                        # the states defined so far; the last is the one being built
+
+        @contextmanager
+        def state(name):
+            current.append(name)
+            with m.If(in_state[name]):
+                yield
+
+        def goto(name):
+            leaving = current[-1]
+            assert name != leaving
+            m.d.sync += [in_state[leaving].eq(0), in_state[name].eq(1)]
+            if (leaving in front_states) != (name in front_states):
+                m.d.sync += f_valid.eq(name in front_states)
+
+        # Wide registers that several states write take their value through one enabled assignment
+        # (`put`): written in state blocks directly, yosys did not find their clock enables and spent a
+        # LUT per bit on holding them. Each state puts one value, so the value is picked by the state
+        # flags alone, and the state's conditions only reach the enable.
+        held = {}
+        for reg in (f_tau, sweeps_left, sweeps_count, takes_left, thin, op_index, moment_samples):
+            enable, value_next = Signal(name=f"{reg.name}_put"), Signal.like(reg, name=f"{reg.name}_next")
+            with m.If(enable):
+                m.d.sync += reg.eq(value_next)
+            held[reg.name] = enable, value_next, {}
+
+        def put(reg, value):
+            enable, _, values = held[reg.name]
+            value = Value.cast(value)
+            assert repr(values.setdefault(current[-1], value)) == repr(value), "one value per state"
+            m.d.comb += enable.eq(1)
+
+        # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
+        # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
+        # DECODE cannot run), or one op DECODE runs.
+        op_finish, op_bad, op_sweep, op_thin, op_load, op_take, op_accumulate = (
+            Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
 
         def restart_front():
-            m.d.sync += [f_tau.eq(0), f_tau_last.eq(C == 1)]
+            put(f_tau, 0)
+            m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
             """Move the stream front to the next τ; at the end of a sweep count it (True: a sweep ends)."""
-            m.d.sync += [f_tau.eq(Mux(f_tau_last, 0, f_tau + 1)), f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)]
+            put(f_tau, Mux(f_tau_last, 0, f_tau + 1))
+            m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
-                m.d.sync += [sweeps_left.eq(sweeps_left - 1), sweeps_last.eq(sweeps_left == 2),
-                             sweeps_count.eq(sweeps_count + 1)]
+                put(sweeps_left, sweeps_left - 1)
+                put(sweeps_count, sweeps_count + 1)
+                m.d.sync += sweeps_last.eq(sweeps_left == 2)
 
         def load_sweeps(value, last):
-            m.d.sync += [sweeps_left.eq(value), sweeps_last.eq(last)]
+            put(sweeps_left, value)
+            m.d.sync += sweeps_last.eq(last)
 
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
 
         def fetch(prefix, on_update, on_other):
             # An op word is two sequence words, each arriving two cycles after its request.
-            with m.State(f"{prefix}FETCH0"):
+            with state(f"{prefix}FETCH0"):
                 request_op_word(0)
-                m.next = f"{prefix}FETCH1"
-            with m.State(f"{prefix}FETCH1"):
+                goto(f"{prefix}FETCH1")
+            with state(f"{prefix}FETCH1"):
                 request_op_word(1)
-                m.next = f"{prefix}FETCH2"
-            with m.State(f"{prefix}FETCH2"):
+                goto(f"{prefix}FETCH2")
+            with state(f"{prefix}FETCH2"):
                 word = seq.r_data
                 m.d.sync += [op_arg.eq(word), arg_zero.eq(word == 0), arg_one.eq(word == 1),
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
-                m.next = f"{prefix}FETCH3"
-            with m.State(f"{prefix}FETCH3"):
+                goto(f"{prefix}FETCH3")
+            with state(f"{prefix}FETCH3"):
                 m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
-                m.d.sync += op_code.eq(code)
+                accumulate = code == Opcode.ACCUMULATE
+                finish = (code == Opcode.END) | past_end
+                runs = [(op_sweep, code == Opcode.SWEEP), (op_thin, code == Opcode.THIN),
+                        (op_load, (code == Opcode.LOAD) & arg_layer),
+                        (op_take, ((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero)]
+                m.d.sync += [flag.eq(~finish & value) for flag, value in runs]
+                m.d.sync += [op_finish.eq(finish), op_bad.eq(~finish & ~Cat(*(value for _, value in runs)).any()),
+                             op_accumulate.eq(accumulate)]
                 sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
                 with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
                     load_sweeps(Mux(sweep, op_arg, 1), ~sweep | arg_one)
-                    m.d.sync += [f_randomize.eq(randomizing), op_index.eq(op_index + 1)]
+                    put(op_index, op_index + 1)
+                    m.d.sync += f_randomize.eq(randomizing)
                     on_update()
                 with m.Else():
                     on_other()
 
-        def go(state):
+        def go(name):
             def action():
-                m.next = state
+                goto(name)
             return action
 
         def drain_then_decode():
             m.d.sync += after_drain.eq(AFTER_FETCH)
-            m.next = "DRAIN"
+            goto("DRAIN")
 
-        def request_seed_word(k):
-            m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))]
+        def seed_address(k):
+            m.d.comb += next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))
 
-        with m.FSM(name="sequencer"):
-            with m.State("IDLE"):
-                with m.If(start_pulse):
-                    m.d.sync += [op_index.eq(0), sweeps_count.eq(0), stop_request.eq(0), thin.eq(1), thin_one.eq(1),
-                                 seed_step.eq(0), moment_samples.eq(0)]
-                    restart_front()
-                    with m.If(flags[_bit(Flags.KEEP_RNG)]):
-                        m.next = "FETCH0"
+        def request_seed_word():
+            m.d.comb += next_ren.eq(1)
+
+        rng_reset = Signal()
+        m.d.sync += rng_reset.eq(0)
+        m.d.comb += [rng.advance.eq((step & f_valid) | in_state["SEED"]), rng.reset.eq(rng_reset)]
+        with state("IDLE"):
+            seed_address(Const(0, 1))
+            with m.If(start_pulse):
+                for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
+                    put(reg, value)
+                m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
+                             moments_full.eq(0)]
+                restart_front()
+                with m.If(flags[_bit(Flags.KEEP_RNG)]):
+                    goto("FETCH0")
+                with m.Else():
+                    m.d.sync += rng_reset.eq(1)   # at the end of SEED_PRIME, which draws nothing
+                    request_seed_word()
+                    goto("SEED_PRIME")
+        with state("SEED_PRIME"):
+            seed_address(Const(1, 1))
+            request_seed_word()
+            goto("SEED")
+        with state("SEED"):
+            # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
+            seed_address(seed_ask)
+            request_seed_word()
+            m.d.comb += rng.inject.eq(scratch.r_data[0][:L])
+            m.d.sync += seed_ask.eq(seed_ask + 1)
+            with m.If(seed_ask == SEED_STEPS + 1):
+                goto("FETCH0")
+
+        fetch("", go("STREAM"), go("DECODE"))
+
+        with state("DECODE"):
+            with m.If(stop_request | op_finish):
+                goto("FINISH")
+            with m.If(~stop_request & op_sweep):  # SWEEP 0
+                put(op_index, op_index + 1)
+                goto("FETCH0")
+            with m.If(~stop_request & op_thin):
+                put(op_index, op_index + 1)
+                put(thin, op_arg)
+                m.d.sync += thin_one.eq(arg_one)
+                goto("FETCH0")
+            with m.If(~stop_request & op_load):
+                put(op_index, op_index + 1)
+                m.d.sync += [layer.eq(op_arg), phase.eq(0), phase_last.eq(0)]
+                goto("LOAD")
+            with m.If(~stop_request & op_take):
+                put(op_index, op_index + 1)
+                put(takes_left, op_arg)
+                m.d.sync += [takes_more.eq(arg_many), phase.eq(0), phase_last.eq(0), kind.eq(0),
+                             kind_last.eq(kinds <= 1), accumulating.eq(op_accumulate), moment_pass.eq(op_accumulate)]
+                goto("TAKE")
+            with m.If(~stop_request & op_bad):
+                m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
+                goto("FINISH")
+
+        with state("STREAM"):
+            advance_front()
+            with m.If(f_tau_last):
+                with m.If(stop_request):  # STOP ends the run at the next sweep boundary
+                    m.d.sync += after_drain.eq(AFTER_END)
+                    goto("DRAIN")
+                with m.Elif(sweeps_last):
+                    m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
+                    goto("STREAM_FETCH0")
+
+        # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
+        fetch("STREAM_", go("STREAM"), drain_then_decode)
+
+        with state("DRAIN"):
+            with m.If(~in_flight):
+                goto("REALIGN")
+        with state("REALIGN"):
+            with m.If(~frame_zero):
+                m.d.comb += read_rotate.eq(1)
+            with m.Else():
+                restart_front()
+                with m.Switch(after_drain):
+                    with m.Case(AFTER_FETCH):
+                        goto("DECODE")
+                    with m.Case(AFTER_TAKE):
+                        m.d.sync += moment_pass.eq(accumulating)
+                        goto("TAKE")
+                    with m.Default():
+                        goto("STOPPED")
+
+        with state("LOAD"):
+            # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
+            # first where the lane's station spin x is +1 and from the second where it is -1 (byte
+            # enables do the choosing: b = h + c·x).
+            m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
+            m.d.comb += next_addr.eq(Mux(phase[1], scratch_address("bias", frame),
+                                         scratch_address("params", Cat(phase[0], frame, layer))))
+            with m.Switch(phase):
+                for k in (0, 1):
+                    with m.Case(k):
+                        m.d.comb += next_ren.eq(1)
+                for k in (0, 1):
+                    with m.Case(2 + k):
+                        picks = here if k == 0 else ~here
+                        m.d.comb += next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))
+            with m.If(phase_last):
+                m.d.comb += read_rotate.eq(1)
+                with m.If(frame_last):
+                    goto("FETCH0")
+
+        with state("TAKE"):
+            end_of_pass = Signal()
+            if self._moments:
+                m.d.comb += next_addr.eq(scratch_address("moments", Cat(phase[0], frame, kind)))
+            with m.If(~accumulating):
+                # A capture pass: one word per τ on `samples`, waiting on back-pressure.
+                m.d.comb += self.samples.valid.eq(1)
+                with m.If(self.samples.ready):
+                    m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
+            if self._moments:
+                with m.Else():
+                    # A moment pass: per τ and kind, read both halves' counters, then write them back
+                    # incremented by the lanes' bits (every counter starts from 0 with the first sample).
+                    m.d.sync += [phase.eq(phase + 1), phase_last.eq(phase == 2)]
+                    half = phase[0]
+                    # The lanes' bits (and whether a write drops the old count) are taken the cycle before
+                    # the write (phases 1 and 2, when the neighbour stations are current).
+                    for lane in range(L):
+                        with m.Switch(kind):
+                            for k, bit in enumerate(moment_bits[lane]):
+                                with m.Case(k):
+                                    m.d.sync += kind_bit[lane].eq(bit)
+                    m.d.sync += [moment_window.eq(~phase[1]), moment_write.eq(moment_window & ~moments_full),
+                                 moment_drop.eq(moment_window & moments_empty)]
+                    with m.If(phase[1]):
+                        m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
-                        m.d.comb += rng.reset.eq(1)
-                        request_seed_word(Const(0, 1))
-                        m.next = "SEED_PRIME"
-            with m.State("SEED_PRIME"):
-                request_seed_word(Const(1, 1))
-                m.next = "SEED"
-            with m.State("SEED"):
-                # 64 draws, each injecting one bit per lane from the seed words (formats.seed_injection).
-                request_seed_word(seed_step + 2)
-                m.d.comb += [rng.advance.eq(1), rng.inject.eq(scratch.r_data[0][:L])]
-                m.d.sync += seed_step.eq(seed_step + 1)
-                with m.If(seed_step == SEED_STEPS - 1):
-                    m.next = "FETCH0"
-
-            fetch("", go("STREAM"), go("DECODE"))
-
-            with m.State("DECODE"):
-                with m.If(stop_request | past_end | (op_code == Opcode.END)):
-                    m.next = "FINISH"
-                with m.Elif(op_code == Opcode.SWEEP):  # SWEEP 0
-                    m.d.sync += op_index.eq(op_index + 1)
-                    m.next = "FETCH0"
-                with m.Elif(op_code == Opcode.THIN):
-                    m.d.sync += [thin.eq(op_arg), thin_one.eq(arg_one), op_index.eq(op_index + 1)]
-                    m.next = "FETCH0"
-                with m.Elif((op_code == Opcode.LOAD) & arg_layer):
-                    m.d.sync += [layer.eq(op_arg), op_index.eq(op_index + 1), phase.eq(0)]
-                    m.next = "LOAD"
-                with m.Elif(((op_code == Opcode.CAPTURE) | ((op_code == Opcode.ACCUMULATE) & self._moments))
-                            & ~arg_zero):
-                    m.d.sync += [takes_left.eq(op_arg), takes_more.eq(arg_many), op_index.eq(op_index + 1),
-                                 phase.eq(0), kind.eq(0), accumulating.eq(op_code == Opcode.ACCUMULATE),
-                                 moment_pass.eq(op_code == Opcode.ACCUMULATE)]
-                    m.next = "TAKE"
-                with m.Else():
-                    m.d.sync += sticky.eq(sticky | Status.BAD_SEQUENCE)
-                    m.next = "FINISH"
-
-            with m.State("STREAM"):
-                m.d.comb += f_valid.eq(1)
-                advance_front()
-                with m.If(f_tau_last):
-                    with m.If(stop_request):  # STOP ends the run at the next sweep boundary
-                        m.d.sync += after_drain.eq(AFTER_END)
-                        m.next = "DRAIN"
-                    with m.Elif(sweeps_last):
-                        m.d.sync += stall.eq(1)   # hold the stream while the next op is fetched
-                        m.next = "STREAM_FETCH0"
-
-            # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
-            fetch("STREAM_", go("STREAM"), drain_then_decode)
-
-            with m.State("DRAIN"):
-                with m.If(~in_flight):
-                    m.next = "REALIGN"
-            with m.State("REALIGN"):
-                with m.If(~frame_zero):
-                    m.d.comb += read_rotate.eq(1)
-                with m.Else():
-                    restart_front()
-                    with m.Switch(after_drain):
-                        with m.Case(AFTER_FETCH):
-                            m.next = "DECODE"
-                        with m.Case(AFTER_TAKE):
-                            m.d.sync += moment_pass.eq(accumulating)
-                            m.next = "TAKE"
-                        with m.Default():
-                            m.next = "STOPPED"
-
-            with m.State("LOAD"):
-                # Per τ: read every bank's h + c word, then its h - c word; write the bias bytes from the
-                # first where the lane's station spin x is +1 and from the second where it is -1 (byte
-                # enables do the choosing: b = h + c·x).
-                m.d.sync += phase.eq(phase + 1)
-                with m.Switch(phase):
-                    for k in (0, 1):
-                        with m.Case(k):
-                            m.d.comb += [next_ren.eq(1),
-                                         next_addr.eq(scratch_address("params", Cat(Const(k, 1), frame, layer)))]
-                    for k in (0, 1):
-                        with m.Case(2 + k):
-                            picks = here if k == 0 else ~here
-                            m.d.comb += [next_addr.eq(scratch_address("bias", frame)),
-                                         next_wen.eq(Cat(picks, Const(0, 2 * banks - L)))]
-                with m.If(phase == 3):
-                    m.d.comb += read_rotate.eq(1)
-                    with m.If(frame_last):
-                        m.next = "FETCH0"
-
-            with m.State("TAKE"):
-                end_of_pass = Signal()
-                with m.If(~accumulating):
-                    # A capture pass: one word per τ on `samples`, waiting on back-pressure.
-                    m.d.comb += self.samples.valid.eq(1)
-                    with m.If(self.samples.ready):
+                        m.d.comb += next_ren.eq(1)
+                    m.d.sync += moment_rotate.eq((phase == 2) & kind_last)
+                    with m.If(phase_last):
+                        m.d.sync += [kind.eq(kind + 1), kind_last.eq(kind == kinds - 2)]
+                        with m.If(kind_last):
+                            m.d.sync += [kind.eq(0), kind_last.eq(kinds <= 1)]
+                    with m.If(moment_rotate):
                         m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
-                if self._moments:
-                    with m.Else():
-                        # A moment pass: per τ and kind, read both halves' counters, then write them back
-                        # incremented by the lanes' bits (every counter starts from 0 with the first sample).
-                        m.d.sync += phase.eq(phase + 1)
-                        half = phase[0]
-                        m.d.comb += next_addr.eq(scratch_address("moments", Cat(half, frame, kind)))
-                        # The bits a write adds are picked the cycle before it (phases 1 and 2).
-                        bits_ahead = Signal(banks)
-                        for b in range(banks):
-                            with m.Switch(Cat(kind, phase == 2)):
-                                for h in (0, 1):
-                                    lane = 2 * b + h
-                                    if lane >= L:
-                                        continue
-                                    for k, bit in enumerate(moment_bits[lane]):
-                                        with m.Case(k | h << kind_bits):
-                                            m.d.comb += bits_ahead[b].eq(bit)
-                        m.d.sync += moment_increment.eq(bits_ahead & ~moments_full.replicate(banks))
-                        with m.If(phase[1]):
-                            m.d.comb += [next_wen.eq(Const(0b11, 2).replicate(banks)), drop_old.eq(moments_empty),
-                                         increment.eq(moment_increment)]
-                        with m.Else():
-                            m.d.comb += next_ren.eq(1)
-                        with m.If(phase == 3):
-                            m.d.sync += kind.eq(kind + 1)
-                            with m.If(kind == kinds - 1):
-                                m.d.sync += kind.eq(0)
-                                m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
-                with m.If(end_of_pass):
-                    with m.If(accumulating & ~moments_full):
-                        m.d.sync += moment_samples.eq(moment_samples + 1)
-                    m.d.sync += moment_pass.eq(0)
-                    with m.If(takes_more & ~stop_request):
-                        m.d.sync += [takes_left.eq(takes_left - 1), takes_more.eq(takes_left > 2), f_randomize.eq(0)]
-                        load_sweeps(thin, thin_one)
-                        m.next = "TAKE_SWEEPS"
-                    with m.Else():
-                        m.next = "FETCH0"
-            with m.State("TAKE_SWEEPS"):
-                m.d.comb += f_valid.eq(1)
-                advance_front()
-                with m.If(f_tau_last & (sweeps_last | stop_request)):
-                    m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
-                    m.next = "DRAIN"
+            with m.If(end_of_pass):
+                with m.If(accumulating & ~moments_full):
+                    put(moment_samples, moment_samples + 1)
+                    m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
+                m.d.sync += moment_pass.eq(0)
+                with m.If(takes_more & ~stop_request):
+                    put(takes_left, takes_left - 1)
+                    m.d.sync += [takes_more.eq(takes_left > 2), f_randomize.eq(0)]
+                    load_sweeps(thin, thin_one)
+                    goto("TAKE_SWEEPS")
+                with m.Else():
+                    goto("FETCH0")
+        with state("TAKE_SWEEPS"):
+            advance_front()
+            with m.If(f_tau_last & (sweeps_last | stop_request)):
+                m.d.sync += after_drain.eq(Mux(stop_request, AFTER_END, AFTER_TAKE))
+                goto("DRAIN")
 
-            with m.State("FINISH"):
-                m.d.sync += after_drain.eq(AFTER_END)
-                m.next = "DRAIN"
-            with m.State("STOPPED"):
-                m.d.sync += running.eq(0)
-                m.next = "IDLE"
-
+        with state("FINISH"):
+            m.d.sync += after_drain.eq(AFTER_END)
+            goto("DRAIN")
+        with state("STOPPED"):
+            m.d.sync += running.eq(0)
+            goto("IDLE")
+        for _, value_next, values in held.values():
+            picked = [Mux(in_state[name], value, 0) for name, value in values.items()]
+            m.d.comb += value_next.eq(reduce(operator.or_, picked))
         with m.If(stop_pulse & running):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
         # The bus is registered on the way in, with its region decoded: the decode then starts from
-        # flip-flops. Writes land a cycle or two later; read data comes three cycles after `r_en`, with
+        # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
         # `r_valid`.
         bus_addr = Signal.like(self.bus.addr)
-        bus_w_en, bus_r_en = Signal(), Signal()
+        bus_r_en = Signal()
         is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
         lane_hot = Signal(L)
-        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data), bus_w_en.eq(self.bus.w_en),
+        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data),
                      bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
         m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
                      for region, flag in is_region.items()]
+        reg_bits = (len(Reg) - 1).bit_length()
+        is_register = Signal()              # the offset's high bits are 0: a register write may decode
+        m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
-        memory_write = bus_w_en & ~is_region[Region.REGS]
+        # Writes are decoded per region on the way in too, so a memory's write enable is one LUT away.
+        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region}
+        m.d.sync += [flag.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region))
+                     for region, flag in write_to.items()]
+        memory_write = Signal()
+        m.d.sync += memory_write.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] != Region.REGS))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
-        idle_write = memory_write & ~running
+
+        def idle_write(region):
+            return write_to[region] & ~running
 
         def fields(*widths):
             out, at = [], 0
@@ -618,23 +728,29 @@ class Fabric(wiring.Component):
         m_lane, m_tau, m_kind = fields(lbits, tbits, kind_bits)
         bank_bytes = Const(0b11, 2) << Cat(Const(0, 1), p_bank)
         m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
-        with m.If(idle_write & is_region[Region.WEIGHTS]):
+        with m.If(idle_write(Region.WEIGHTS)):
             m.d.comb += weights.w_en.eq(lane_hot)
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
-        with m.If(idle_write & is_region[Region.SEQUENCE]):
+        with m.If(idle_write(Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
-        with m.If(idle_write & is_region[Region.PARAMS]):
-            m.d.comb += [next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer))), next_wen.eq(bank_bytes),
-                         use_bus_data.eq(1)]
-        with m.If(idle_write & is_region[Region.CLAMPS]):
-            m.d.comb += [next_addr.eq(scratch_address("clamps", Cat(c_tau, c_layer))),
-                         next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
-        with m.If(idle_write & is_region[Region.SEEDS]):
-            m.d.comb += [next_addr.eq(scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])),
-                         next_wen.eq(0b11), use_bus_data.eq(1)]
+        # While idle only the bus uses the scratch; its address is picked by the region flags.
+        bus_scratch = {Region.PARAMS: scratch_address("params", Cat(p_k, p_tau, p_layer)),
+                       Region.CLAMPS: scratch_address("clamps", Cat(c_tau, c_layer)),
+                       Region.SEEDS: scratch_address("seed", offset[:SEED_STEPS.bit_length() - 1])}
+        if self._moments:
+            bus_scratch[Region.MOMENTS] = scratch_address("moments", Cat(m_lane[0], m_tau, m_kind))
+        with m.If(~running):
+            m.d.comb += next_addr.eq(reduce(operator.or_, (Mux(is_region[region], address, 0)
+                                                            for region, address in bus_scratch.items())))
+        with m.If(idle_write(Region.PARAMS)):
+            m.d.comb += [next_wen.eq(bank_bytes), use_bus_data.eq(1)]
+        with m.If(idle_write(Region.CLAMPS)):
+            m.d.comb += [next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
+        with m.If(idle_write(Region.SEEDS)):
+            m.d.comb += [next_wen.eq(0b11), use_bus_data.eq(1)]
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
-        with m.If(bus_w_en & is_region[Region.REGS]):
-            with m.Switch(offset):
+        with m.If(write_to[Region.REGS] & is_register):
+            with m.Switch(offset[:reg_bits]):
                 with m.Case(Reg.CONTROL):
                     with m.If(bus_w_data[_bit(Control.START)] & ~running):
                         m.d.sync += [start_pulse.eq(1), running.eq(1)]
@@ -644,46 +760,32 @@ class Fabric(wiring.Component):
                 with m.Case(Reg.STATUS):  # write ones to clear sticky bits
                     m.d.sync += sticky.eq(sticky & ~bus_w_data[:8])
 
-        read_region = {region: Signal(name=f"read_{region.name.lower()}")
-                       for region in (Region.REGS, Region.PARAMS, Region.MOMENTS, Region.SEQUENCE)}
-        read_offset = Signal(range(len(Reg)))
-        read_bank = Signal(range(banks))
-        read_memory_ok = Signal()
-        answer = Signal()
-        m.d.sync += [answer.eq(bus_r_en), self.bus.r_valid.eq(answer)]
+        # The answer is picked by one-hot flags registered with the request: an AND-OR of the sources.
+        reg_values = {Reg.STATUS: Cat(running, sticky[1:]), Reg.OP_INDEX: op_index, Reg.SWEEPS: sweeps_count,
+                      Reg.FLAGS: flags, Reg.MOMENT_SAMPLES: moment_samples}
+        pick_reg = {reg: Signal(name=f"read_{reg.name.lower()}") for reg in reg_values}
+        pick_bank = [Signal(name=f"read_bank{b}") for b in range(banks)]
+        pick_seq = Signal()
+        answer = Signal(2)
+        m.d.sync += [answer.eq(Cat(bus_r_en, answer[0])), self.bus.r_valid.eq(answer[1])]
+        r_data = Signal.like(self.bus.r_data)   # registered on the way out, beside r_valid
+        m.d.sync += self.bus.r_data.eq(r_data)
         with m.If(bus_r_en):
-            m.d.sync += [flag.eq(is_region[region]) for region, flag in read_region.items()]
-            m.d.sync += [read_offset.eq(offset), read_memory_ok.eq(~running),
-                         read_bank.eq(Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1))]
+            read_offset = offset[:(len(Reg) - 1).bit_length()]
+            m.d.sync += [flag.eq(is_region[Region.REGS] & (read_offset == reg)) for reg, flag in pick_reg.items()]
+            banked = is_region[Region.PARAMS] | (is_region[Region.MOMENTS] if self._moments else 0)
+            bank = Mux(is_region[Region.PARAMS], p_bank, m_lane >> 1)
+            m.d.sync += [flag.eq(~running & banked & (bank == b)) for b, flag in enumerate(pick_bank)]
+            m.d.sync += pick_seq.eq(~running & is_region[Region.SEQUENCE])
             with m.If(~running):
                 with m.If(is_region[Region.PARAMS]):
-                    m.d.comb += [next_ren.eq(1), next_addr.eq(scratch_address("params", Cat(p_k, p_tau, p_layer)))]
+                    m.d.comb += next_ren.eq(1)
                 if self._moments:
                     with m.If(is_region[Region.MOMENTS]):
-                        m.d.comb += [next_ren.eq(1),
-                                     next_addr.eq(scratch_address("moments", Cat(m_lane[0], m_tau, m_kind)))]
+                        m.d.comb += next_ren.eq(1)
                 with m.If(is_region[Region.SEQUENCE]):
                     m.d.sync += [seq_addr.eq(offset), seq_ren.eq(1)]
-        bank_word = Signal(16)
-        with m.Switch(read_bank):
-            for b in range(banks):
-                with m.Case(b):
-                    m.d.comb += bank_word.eq(scratch.r_data[b])
-        with m.If(read_region[Region.REGS]):
-            with m.Switch(read_offset):
-                with m.Case(Reg.STATUS):
-                    m.d.comb += self.bus.r_data.eq(Cat(running, sticky[1:]))
-                with m.Case(Reg.OP_INDEX):
-                    m.d.comb += self.bus.r_data.eq(op_index)
-                with m.Case(Reg.SWEEPS):
-                    m.d.comb += self.bus.r_data.eq(sweeps_count)
-                with m.Case(Reg.FLAGS):
-                    m.d.comb += self.bus.r_data.eq(flags)
-                with m.Case(Reg.MOMENT_SAMPLES):
-                    m.d.comb += self.bus.r_data.eq(moment_samples)
-        with m.If(read_memory_ok):
-            with m.If(read_region[Region.PARAMS] | (read_region[Region.MOMENTS] if self._moments else 0)):
-                m.d.comb += self.bus.r_data.eq(bank_word)
-            with m.If(read_region[Region.SEQUENCE]):
-                m.d.comb += self.bus.r_data.eq(seq.r_data)
+        sources = [(pick_reg[reg], value) for reg, value in reg_values.items()]
+        sources += [(pick_bank[b], scratch.r_data[b]) for b in range(banks)] + [(pick_seq, seq.r_data)]
+        m.d.comb += r_data.eq(reduce(operator.or_, (Mux(flag, value, 0) for flag, value in sources)))
         return m

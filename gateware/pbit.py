@@ -18,6 +18,23 @@ def theta_bits(degree: int) -> int:
     return field_bits(degree) + 1
 
 
+def _leading_zeros(m, bits):
+    """``(any, count)`` for a power-of-two number of bits: whether one is set, and how many zeros lie
+    above the highest one, as a balanced tree (two levels of logic per factor of four)."""
+    if len(bits) == 1:
+        return bits[0], Const(0, 0)
+    half = len(bits) // 2
+    assert half * 2 == len(bits) and half & (half - 1) == 0
+    any_lo, count_lo = _leading_zeros(m, bits[:half])
+    any_hi, count_hi = _leading_zeros(m, bits[half:])
+    # Kept wires from the 4-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
+    # deep chain (six LUT levels instead of three).
+    attrs = {"keep": 1} if len(bits) >= 4 else {}
+    any_, count = Signal(attrs=attrs), Signal(len(count_hi) + 1, attrs=attrs)
+    m.d.comb += [any_.eq(any_lo | any_hi), count.eq(Mux(any_hi, count_hi, Cat(count_lo, Const(1, 1))))]
+    return any_, count
+
+
 class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
@@ -63,17 +80,18 @@ class Threshold(wiring.Component):
         mant1 = Signal(p.mant_bits)
         field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
-        m.d.comb += octave.eq(p.exp_bits)
-        for bit in range(p.exp_bits):  # later (higher) bits win: the leading one decides
-            with m.If(field[bit]):
-                m.d.comb += octave.eq(p.exp_bits - 1 - bit)
+        # A one below the field makes the all-zero field count p.exp_bits; the count is a balanced tree
+        # (three LUT levels for 16 bits), not a chain of priority multiplexers.
+        m.d.comb += octave.eq(_leading_zeros(m, Cat(Const(1, 1), field))[1])
         with m.If(self.en):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
-        # Stage 2: per octave, the folded base (1 - LO in the upper half) and the mantissa comparisons.
-        # A bound that is nonzero in a single octave becomes a constant comparison gated by that octave.
-        fold2 = Signal()
+        # Stage 2: per octave, the folded base and the mantissa comparisons. A bound that is nonzero in
+        # a single octave becomes a constant comparison gated by that octave. Z is the base plus the
+        # number of set comparison bits: in the upper half Z = 1 - Z_low = (1 - LO) + count; in the
+        # lower half Z = LO - count = (LO - boundaries) + count(inverted bits), so the bits are
+        # inverted there and stage 3 only counts.
         base2 = Signal(signed(9))
         below2 = Signal(p.boundaries)
         base = Signal(signed(9))
@@ -81,7 +99,7 @@ class Threshold(wiring.Component):
             for fold in (0, 1):
                 for e in range(p.octaves):
                     with m.Case(e | fold << len(octave1)):
-                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e])
+                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e] - p.boundaries)
         below = []
         for k, table in enumerate(bound_tables):
             used = [e for e in range(p.octaves) if table[e]]
@@ -95,13 +113,18 @@ class Threshold(wiring.Component):
                             m.d.comb += bound.eq(table[e])
                 below.append(mant1 < bound)
         with m.If(self.en):
-            m.d.sync += [fold2.eq(fold1), base2.eq(base), below2.eq(Cat(*below))]
+            m.d.sync += [base2.eq(base), below2.eq(Cat(*below) ^ (~fold1).replicate(p.boundaries))]
 
-        # Stage 3: Z = base - count (lower half) or base + count (upper half, since Z = 1 - Z_low).
-        count = sum(below2[k] for k in range(p.boundaries))
+        # Stage 3: Z = base + count, the count a table of the comparison bits (one LUT level), so the
+        # stage holds one carry chain.
+        count = Signal(range(p.boundaries + 1))
+        with m.Switch(below2):
+            for code in range(1 << p.boundaries):
+                with m.Case(code):
+                    m.d.comb += count.eq(bin(code).count("1"))
         z3 = Signal(signed(9))
         with m.If(self.en):
-            m.d.sync += z3.eq(Mux(fold2, base2 + count, base2 - count))
+            m.d.sync += z3.eq(base2 + count)
 
         # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
         bias = self.bias.as_signed()
@@ -162,19 +185,23 @@ class SpinSum(wiring.Component):
         D, P, wbits = self._degree, self._latency, WEIGHT.bits
         sum_w = field_bits(D) + 1
         values, negatives = [], []
+        # With the borrow, `zero` resets stage A's registers (their flip-flops' own synchronous reset)
+        # rather than gating every term: a term bit is then one LUT of the weight bit and the spin.
+        late_zero = self.uses_borrow
         for d in range(D):
             neg = Signal(name=f"neg{d}")
-            m.d.comb += neg.eq(~self.spins[d] & ~self.zero)
+            m.d.comb += neg.eq(~self.spins[d] & (1 if late_zero else ~self.zero))
             term = Signal(signed(wbits), name=f"term{d}")
             weight = self.weights[d * wbits:(d + 1) * wbits].as_signed()
-            m.d.comb += term.eq(Mux(self.zero, 0, weight ^ neg.replicate(wbits).as_signed()))
+            flipped = weight ^ neg.replicate(wbits).as_signed()
+            m.d.comb += term.eq(flipped if late_zero else Mux(self.zero, 0, flipped))
             values.append(term)
             negatives.append(neg)
         levels = max(1, (D - 1).bit_length())
         cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
         if self.uses_borrow:
             # Negative spins ride as carry-ins: one per adder, the last one out on `borrow`.
-            m.d.comb += self.borrow.eq(negatives[-1])
+            m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
             level = 0
             for stage in range(P):
@@ -193,9 +220,10 @@ class SpinSum(wiring.Component):
                     break
                 regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
                 held = [Signal(name=f"neg{stage}_{k}") for k in range(len(pending))]
+                zero = self.zero if stage == 0 else Const(0, 1)
                 with m.If(self.en):
-                    m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
-                    m.d.sync += [h.eq(p) for h, p in zip(held, pending)]
+                    m.d.sync += [reg.eq(Mux(zero, 0, v)) for reg, v in zip(regs, values)]
+                    m.d.sync += [h.eq(p & ~zero) for h, p in zip(held, pending)]
                 values, pending = regs, held
             assert not pending, "every negative spin must find a carry-in"
             m.d.comb += self.spin.eq(values[0] >= self.theta)
