@@ -139,10 +139,11 @@ class _OneHot:
             self._m.d.sync += bit.eq(into | stay)
 
 
-def _load(m, register, *sources):
+def _load(m, register, *sources, enable=None):
     """Load ``register`` from whichever ``(strobe, value)`` source is strobed. The strobes are never high
-    together, so the register's input is an OR of ANDs, with no priority between the sources."""
-    with m.If(Cat(*(strobe for strobe, _ in sources)).any()):
+    together, so the register's input is an OR of ANDs, with no priority between the sources. ``enable``,
+    if given, is high exactly when one of the strobes is (a flip-flop to use rather than their OR)."""
+    with m.If(Cat(*(strobe for strobe, _ in sources)).any() if enable is None else enable):
         m.d.sync += register.eq(functools.reduce(operator.or_, (Mux(strobe, value, 0) for strobe, value in sources)))
 
 
@@ -168,11 +169,13 @@ class CommandEngine(wiring.Component):
     trng_alarm : In(1), trng_failures : In(8)
     link_error : Out(1)                a frame was rejected since the last STATUS (for a LED)
 
-    Every output but ``rx.ready`` and ``samples.ready`` comes straight from a flip-flop. A WRITE makes one
-    bus write per word, one every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits
-    and the bits above the word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ
-    and STATUS fetch each fabric word just before sending it. The engine needs at least 10 cycles per
-    received byte (a UART at any divisor gives it ``10 * divisor``).
+    Every output but ``rx.ready`` and ``samples.ready`` comes straight from a flip-flop, and every
+    register's input is a few levels of logic from flip-flops. A WRITE makes one bus write per word, one
+    every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits and the bits above the
+    word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ and STATUS fetch each
+    fabric word just before sending it. After a frame the engine holds back the next frame's payload
+    (at its second length byte) for the few tens of cycles it takes to check and execute the frame,
+    far less than the six bytes that come before that payload.
     """
 
     def __init__(self, identity: Identity, divisor: int):
@@ -232,7 +235,7 @@ class CommandEngine(wiring.Component):
         start_code = Signal()
         length = Signal(range(P + 1))
         align = Signal(4)
-        too_long = Signal()
+        too_long, high_length = Signal(), Signal()
         # The payload enters at the top and shifts down. After the frame the executor shifts it on until
         # its first byte sits in payload[0] (START: its flags byte in payload[4], the low byte of
         # ``w_data``); a WRITE then shifts each word in turn down to payload[4].
@@ -310,11 +313,11 @@ class CommandEngine(wiring.Component):
         frame_state("LEN0", len0)
 
         def len1():
-            m.d.sync += [remaining.eq(length), too_long.eq(too_long | (byte != 0))]
+            m.d.sync += [remaining.eq(length), high_length.eq(byte != 0)]
             parser.next = "LENGTH"
         frame_state("LEN1", len1, valid=self.rx.valid & ~hold)
         with parser.State("LENGTH"):   # the length is whole: judge it (no byte is taken here)
-            with m.If(too_long):
+            with m.If(too_long | high_length):
                 # Do not swallow a long payload: reject now and resynchronise.
                 m.d.sync += [frame_done.eq(1), early.eq(Result.BAD_LENGTH)]
                 parser.next = "HUNT"
@@ -387,7 +390,7 @@ class CommandEngine(wiring.Component):
         # The payload length each command needs, and those a WRITE may have.
         fixed = {Command.IDENTIFY: 0, Command.STOP: 0, Command.STATUS: 0, Command.RESET: 0,
                  Command.START: 1, Command.SAMPLES: 2, Command.READ: 5}
-        sizes = set(fixed.values()) | {4 + k * wbytes for wbytes, _, writable, _ in regions.values()
+        sizes = set(fixed.values()) | {4 + k * wbytes for wbytes, _, _, _ in regions.values()
                                        for k in range(1, (P - 4) // wbytes + 1)}
         length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
         xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
@@ -453,8 +456,8 @@ class CommandEngine(wiring.Component):
         flags = Cat(*(flag_bits.get(1 << k, Const(0)) for k in range(8)))
 
         # ---- response bytes: `tx_word` holds the field being sent, its low byte on `tx`; `left` more
-        # bytes follow. `tx_full` rises when a field is ordered, a cycle before it is loaded, and falls
-        # when its last byte has gone.
+        # bytes follow. `tx_free` falls when a field is ordered (it is loaded the next cycle, `loaded`)
+        # and rises when its last byte has gone.
         tx_word = Signal(32)
         left = Signal(2)
         tx_valid = Signal()
@@ -487,7 +490,7 @@ class CommandEngine(wiring.Component):
 
         # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; the
         # engine's own fields are packed into fields of up to four bytes.
-        own = {"samples_waiting": self.samples_level, "samples_sent": samples_sent,
+        own = {"samples_waiting": self.samples_level[:level_bits], "samples_sent": samples_sent,
                "trng_failures": self.trng_failures, **counters}
         status_steps = []                       # ("reg", Reg, bytes) or ("own", [(name, bytes)...], bytes)
         for name, size in StatusReport.FIELDS:
@@ -519,9 +522,9 @@ class CommandEngine(wiring.Component):
                 s = strobe(f"ld_{what[0][0]}")
                 fields.append((s, Cat(*(own[name][:8 * b] for name, b in what)), size))
                 status_load.append(s)
-        _load(m, tx_word, *((s, value) for s, value, _ in fields))
-        _load(m, left, *((s, rleft if size is None else size - 1) for s, _, size in fields))
-        loaded = strobe("loaded")
+        loaded = strobe("loaded")             # one of the fields' strobes is high
+        _load(m, tx_word, *((s, value) for s, value, _ in fields), enable=loaded)
+        _load(m, left, *((s, rleft if size is None else size - 1) for s, _, size in fields), enable=loaded)
         with m.If(loaded):
             m.d.sync += tx_valid.eq(1)
         m.d.comb += tx_free.eq(~tx_valid & ~loaded)
@@ -628,7 +631,7 @@ class CommandEngine(wiring.Component):
             executor.next = "CHECK_LIMIT"
 
         with executor.State("CHECK_LIMIT"):
-            m.d.sync += in_range.eq(last <= r_words)
+            m.d.sync += in_range.eq(~(r_words - last)[-1])   # last <= r_words, as one carry chain
             executor.next = "CHECK_ARGUMENTS"
 
         with executor.State("CHECK_ARGUMENTS"):
@@ -709,21 +712,15 @@ class CommandEngine(wiring.Component):
         # ---- the response: sync, header, flags, body, CRC
         body = {Command.IDENTIFY: "IDENTITY", Command.READ: "READ", Command.STATUS: "STATUS",
                 Command.SAMPLES: "INDEX"}
-        with m.If(~ok):
-            m.d.sync += resp_length.eq(1)
-        with m.Elif(command[Command.IDENTIFY]):
-            m.d.sync += resp_length.eq(1 + len(identity))
-        with m.Elif(command[Command.STATUS]):
-            m.d.sync += resp_length.eq(1 + StatusReport.size())
-        with m.Elif(command[Command.READ]):
-            with m.Switch(rleft):
-                for b in readable_sizes:
-                    with m.Case(b - 1):
-                        m.d.sync += resp_length.eq((n << (b.bit_length() - 1)) + 1)
-        with m.Elif(command[Command.SAMPLES]):
-            m.d.sync += resp_length.eq(n * swb + 1 + 4)
-        with m.Else():
-            m.d.sync += resp_length.eq(1)
+        # The payload length, from registers only: 1 (the flags) + the body.
+        lengths = [(command[Command.IDENTIFY], Const(1 + len(identity))),
+                   (command[Command.STATUS], Const(1 + StatusReport.size())),
+                   (command[Command.SAMPLES], n * swb + 1 + 4)]
+        lengths += [(command[Command.READ] & (rleft == b - 1),
+                     (n << (b.bit_length() - 1)) | 1 if b > 1 else n + 1)   # n · b is even: + 1 is | 1
+                    for b in readable_sizes]
+        m.d.sync += resp_length.eq(Mux(ok, functools.reduce(operator.or_, (Mux(c, v, 0) for c, v in lengths)) |
+                                       ~Cat(*(c for c, _ in lengths)).any(), 1))
 
         with executor.State("RESPOND"):
             m.d.sync += hold.eq(0)
@@ -731,14 +728,18 @@ class CommandEngine(wiring.Component):
                 send("ld_head")
                 m.d.sync += [tx_crc.eq(_crc16_before_sync()), crc_on.eq(1)]
                 executor.next = "HEADER"
+        # Where the header leads, decided while it goes out.
+        body_next = {c: Signal(name=f"body_{state.lower()}") for c, state in body.items()}
+        no_body = Signal()
+        m.d.sync += [flag.eq(ok & command[c]) for c, flag in body_next.items()]
+        m.d.sync += no_body.eq(~ok | ~Cat(*(command[c] for c in body)).any())
         with executor.State("HEADER"):
             with m.If(tx_free):
                 send("ld_length")
-                with m.If(ok & Cat(*(command[c] for c in body)).any()):
-                    for c, state in body.items():
-                        with m.If(command[c]):
-                            executor.next = state
-                with m.Else():
+                for c, state in body.items():
+                    with m.If(body_next[c]):
+                        executor.next = state
+                with m.If(no_body):
                     executor.next = "CRC"
 
         with executor.State("IDENTITY"):
