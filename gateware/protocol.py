@@ -429,16 +429,26 @@ class CommandEngine(wiring.Component):
         # request whose response it lost, and must not start the fabric a second time.
         last_seq, last_start = Signal(8), Signal()
 
-        # Counters for STATUS (saturating), and the samples counter for SAMPLES and STATUS.
-        counters = {name: Signal(8, name=name) for name in ("crc_errors", "framing_errors", "overruns", "timeouts",
-                                                           "rejected")}
-        bumps = {name: Signal(name=f"bump_{name}") for name in counters}
+        # Counters for STATUS (saturating at 255), sharing one incrementer: they rotate through `ring`, one
+        # place per cycle, and the one that leaves ring[0] is incremented on its way round to the end if
+        # an event waits for it (`waiting`). `phase` (one-hot) names the counter in ring[0]; at phase 0
+        # ring[k] holds counter k. Events come at most once per frame or received byte, far less often
+        # than a counter comes round.
+        names = ("crc_errors", "framing_errors", "overruns", "timeouts", "rejected")
+        bumps = {name: Signal(name=f"bump_{name}") for name in names}
         clear_counters = strobe("clear_counters")
-        for name, counter in counters.items():
-            with m.If(clear_counters):
-                m.d.sync += counter.eq(0)
-            with m.Elif(bumps[name] & ~counter.all()):
-                m.d.sync += counter.eq(counter + 1)
+        ring = Signal(data.ArrayLayout(8, len(names)))
+        phase = Signal(len(names), init=1)
+        waiting = Signal(len(names))
+        inc, full = Signal(), Signal()          # for the counter in ring[1], which moves to ring[0]
+        m.d.sync += [phase.eq(phase.rotate_left(1)),
+                     ring.eq(Cat(ring.as_value()[8:], ring[0] + (inc & ~full))),
+                     inc.eq((phase & waiting.rotate_right(1)).any()), full.eq(ring[1].all()),
+                     waiting.eq(Cat(*bumps.values()) | (waiting & ~phase.rotate_left(1)))]
+        with m.If(clear_counters):
+            m.d.sync += [ring.eq(0), waiting.eq(0), inc.eq(0)]
+        counters = {name: ring[k] for k, name in enumerate(names)}   # their values at phase 0
+        ring_turn = phase[-1]                   # phase 0 comes next cycle
         m.d.comb += [bumps["framing_errors"].eq(self.framing_error), bumps["overruns"].eq(self.overrun)]
         samples_sent = Signal(32)
         sample_taken = Signal()
@@ -542,7 +552,7 @@ class CommandEngine(wiring.Component):
 
         # STATUS steps, one-hot.
         step = Signal(len(status_steps))
-        next_step = Signal()
+        next_step = strobe("next_step")
         with m.If(next_step):
             m.d.sync += step.eq(step << 1)
 
@@ -555,7 +565,7 @@ class CommandEngine(wiring.Component):
             with m.If(executor["READ"]):
                 pulse(n_dec, a_inc)
             with m.Else():
-                m.d.comb += next_step.eq(1)
+                pulse(next_step)
 
         # ---- the executor
         with executor.State("IDLE"):
@@ -767,8 +777,9 @@ class CommandEngine(wiring.Component):
                             pulse(a_reg[what])
                             m.d.sync += [r_go.eq(1), pending.eq(1), rleft.eq(size - 1)]
                         else:
-                            pulse(status_load[k])
-                            m.d.comb += next_step.eq(1)
+                            with m.If(ring_turn):   # the counters' places are known at phase 0
+                                pulse(status_load[k])
+                                pulse(next_step)
 
         with executor.State("INDEX"):
             with m.If(tx_free):
@@ -799,7 +810,7 @@ class CommandEngine(wiring.Component):
         m.d.comb += pulses[id(loaded)][1].eq(self.bus.r_valid | (tx_free & (
             executor["RESPOND"] | executor["HEADER"] | executor["INDEX"] | executor["CRC"] |
             (executor["IDENTITY"] & ~n_zero) | (executor["SAMPLE"] & ~n_zero & self.samples.valid) |
-            (executor["STATUS"] & ~pending & own_step))))
+            (executor["STATUS"] & ~pending & own_step & ring_turn))))
         m.d.sync += [s.eq(s_next) for s, s_next in pulses.values()]
         parser.finish()
         executor.finish()
