@@ -4,20 +4,27 @@ The engine parses request frames byte by byte, buffering at most ``MAX_REQUEST_P
 nothing touches the fabric until the frame's CRC has been checked and its command, length, region, offset
 and count validated. Every frame gets a response: ``Result.OK`` with the command's data, or an error
 ``Result``. After an error the parser hunts for the next sync.
+
+Everything on the wire is elaborated from ``opentsu.protocol`` (frame layout, CRC, commands, results,
+flags, ``Identity``, ``StatusReport``), and the region table from ``opentsu.devicemap`` (``region_words``,
+``WRITABLE``, ``READABLE``).
 """
+
+import functools
+import operator
+from contextlib import contextmanager
 
 from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from opentsu.devicemap import REGION_SHIFT, Control, Reg, Region, bank_bits, lane_bits, tau_bits, SEQUENCE_DEPTH
-from opentsu.formats import SEED_STEPS
+from opentsu.devicemap import READABLE, REGION_SHIFT, WRITABLE, Control, Reg, Region, region_words
 from opentsu.protocol import (MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, SYNC, TIMEOUT_BIT_TIMES, Command, Flags,
                               Identity, Result, StatusReport, crc16, word_bytes)
 
 from .fabric import BusSignature
 
-__all__ = ["CommandEngine", "crc16_update"]
+__all__ = ["CommandEngine", "crc16_update", "region_table"]
 
 
 def _crc16_taps():
@@ -35,10 +42,109 @@ _CRC16_TAPS = _crc16_taps()
 
 def crc16_update(crc, byte):
     """CRC-16/CCITT-FALSE after one more byte, as logic: one XOR per output bit, derived from
-    ``protocol.crc16`` (the reference). A flat XOR matrix rather than eight chained shift steps keeps both
-    the netlist and the simulator's compiled expression small."""
+    ``protocol.crc16`` (the reference)."""
     inputs = Cat(crc[:16], byte[:8])
     return Cat(*(Cat(*(inputs[k] for k in taps)).xor() for taps in _CRC16_TAPS))
+
+
+def _crc16_before_sync():
+    """The CRC register value that becomes the protocol's initial value 0xFFFF once the two sync bytes
+    have gone through it: a response's CRC then runs over the whole frame, sync included, with no
+    special case. One CRC step is invertible; this undoes the sync bytes bit by bit."""
+    poly = crc16(b"\x00", 0x0100)          # a one reaching the top leaves the polynomial behind
+    crc = 0xFFFF
+    for byte in reversed(SYNC):
+        for k in range(8):                 # the byte went in MSB first: undo its LSB first
+            bit = byte >> k & 1
+            feedback = crc & 1             # the polynomial's bit 0 is set, the shifted-in bit is 0
+            crc ^= poly if feedback else 0
+            crc = crc >> 1 | (feedback ^ bit) << 15
+    assert crc16(SYNC, crc) == 0xFFFF
+    return crc
+
+
+def region_table(identity: Identity):
+    """``{region: (word bytes, words, writable by WRITE, readable by READ)}`` of a device, from
+    ``opentsu.devicemap``. REGS is written only through START, STOP and RESET, never by WRITE."""
+    return {region: (word_bytes(region, identity.degree),
+                     region_words(region, identity.lanes, identity.cycles, identity.degree, identity.layers),
+                     region in WRITABLE and region != Region.REGS, region in READABLE)
+            for region in Region}
+
+
+class _OneHot:
+    """A state machine with one flip-flop per state, in the manner of ``m.FSM``: ``with fsm.State(name)``
+    and ``fsm.next = name``; ``fsm.finish()`` writes the flip-flops.
+
+    Yosys does not re-encode an Amaranth FSM (its state register has an initial value), and a binary
+    state costs a decode in every condition. Here a state is one flip-flop, and each flip-flop's input is
+    one OR of the transitions into it (each the AND of the conditions it is written under) and itself
+    unless a transition leaves it, rather than a chain of multiplexers in the order of the code.
+    """
+
+    def __init__(self, m, name, initial):
+        self._m = m
+        self._name = name
+        self._bits = {}
+        self._current = None
+        self._moves = []                        # (from state or None for any, to state, strobe)
+        self._bit(initial, init=1)
+
+    def _bit(self, state, init=0):
+        if state not in self._bits:
+            self._bits[state] = Signal(name=f"{self._name}_{state.lower()}", init=init)
+        return self._bits[state]
+
+    def __getitem__(self, state):
+        return self._bit(state)
+
+    @contextmanager
+    def State(self, name):
+        with self._m.If(self._bit(name)):
+            outer, self._current = self._current, name
+            try:
+                yield
+            finally:
+                self._current = outer
+
+    def _move(self, source, name):
+        strobe = Signal(name=f"{self._name}_to_{name.lower()}")
+        self._m.d.comb += strobe.eq(1)
+        self._bit(name)
+        self._moves.append((source, name, strobe))
+
+    def next_from_any(self, name):
+        """Go to state ``name`` whatever the state (taking precedence over the other moves)."""
+        self._move(None, name)
+
+    @property
+    def next(self):
+        raise AttributeError("the next state is written, not read")
+
+    @next.setter
+    def next(self, name):
+        if self._current is None:
+            raise SyntaxError("fsm.next is set inside a state")
+        if name != self._current:
+            self._move(self._current, name)
+
+    def finish(self):
+        def any_(strobes):
+            return Cat(*strobes).any() if strobes else Const(0)
+        override = [strobe for source, _, strobe in self._moves if source is None]
+        for state, bit in self._bits.items():
+            into = any_([strobe for _, target, strobe in self._moves if target == state])
+            out = any_([strobe for source, _, strobe in self._moves if source == state])
+            stay = bit & ~out & ~any_(override)
+            self._m.d.sync += bit.eq(into | stay)
+
+
+def _load(m, register, *sources, enable=None):
+    """Load ``register`` from whichever ``(strobe, value)`` source is strobed. The strobes are never high
+    together, so the register's input is an OR of ANDs, with no priority between the sources. ``enable``,
+    if given, is high exactly when one of the strobes is (a flip-flop to use rather than their OR)."""
+    with m.If(Cat(*(strobe for strobe, _ in sources)).any() if enable is None else enable):
+        m.d.sync += register.eq(functools.reduce(operator.or_, (Mux(strobe, value, 0) for strobe, value in sources)))
 
 
 class CommandEngine(wiring.Component):
@@ -47,9 +153,9 @@ class CommandEngine(wiring.Component):
     Parameters
     ----------
     identity : Identity
-        Sent in answer to IDENTIFY; its fabric fields size the address checks.
+        Sent in answer to IDENTIFY; its fabric fields size the region table (``region_table``).
     divisor : int
-        Clock cycles per UART bit, for the inter-byte timeout.
+        Clock cycles per UART bit, for the inter-byte timeout (``TIMEOUT_BIT_TIMES`` bit times).
 
     Ports
     -----
@@ -58,16 +164,35 @@ class CommandEngine(wiring.Component):
     bus : Out(BusSignature)            to the fabric
     running, fabric_error : In(1)      the fabric runs a sequence / has a sticky error
     samples : In(stream.Signature(8 * sample_word_bytes))   capture words from the FIFO
-    samples_level : In(16)             words waiting in the FIFO
+    samples_level : In(16)             words waiting in the FIFO (at most ``identity.fifo_depth``)
     samples_flush : Out(1)             empty the FIFO (RESET)
     trng_alarm : In(1), trng_failures : In(8)
     link_error : Out(1)                a frame was rejected since the last STATUS (for a LED)
+
+    Every output but ``rx.ready`` and ``samples.ready`` comes straight from a flip-flop, and every
+    register's input is a few levels of logic from flip-flops. A WRITE makes one bus write per word, one
+    every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits and the bits above the
+    word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ and STATUS fetch each
+    fabric word just before sending it. After a frame the engine holds back the next frame's payload
+    (at its second length byte) for the few tens of cycles it takes to check and execute the frame,
+    far less than the six bytes that come before that payload.
     """
 
     def __init__(self, identity: Identity, divisor: int):
+        if not isinstance(identity, Identity):
+            raise TypeError(f"a command engine needs an Identity, not {identity!r}")
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"the UART divisor must be a positive integer, not {divisor!r}")
+        regions = region_table(identity)
+        for region, (wbytes, _, writable, readable) in regions.items():
+            if writable and not wbytes <= min(8, MAX_REQUEST_PAYLOAD - 4):
+                raise ValueError(f"a {wbytes}-byte word of region {region.name} does not fit one WRITE")
+            if readable and wbytes not in (1, 2, 4):
+                raise ValueError(f"region {region.name} is readable, but its {wbytes}-byte words are not a "
+                                 f"power of two of bytes of the bus's 32-bit read data")
         self._id = identity
         self._divisor = divisor
-        self._swb = identity.sample_word_bytes
+        self._regions = regions
         super().__init__({
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
@@ -84,462 +209,609 @@ class CommandEngine(wiring.Component):
             "link_error": Out(1),
         })
 
-    def _region_table(self):
-        """``{region: (word bytes, words, writable, readable)}`` for the regions WRITE and READ may touch."""
-        ident = self._id
-        lb, tb = lane_bits(ident.lanes), tau_bits(ident.cycles)
-        layer_bits = max(1, (ident.layers - 1).bit_length())
-        rows = 1 << (lb + tb + layer_bits)
-        return {
-            Region.WEIGHTS: (word_bytes(Region.WEIGHTS, ident.degree), rows, True, False),
-            Region.PARAMS: (word_bytes(Region.PARAMS, ident.degree), rows, True, True),
-            Region.SEEDS: (word_bytes(Region.SEEDS, ident.degree), SEED_STEPS, True, False),
-            Region.CLAMPS: (word_bytes(Region.CLAMPS, ident.degree), 1 << (bank_bits(ident.lanes) + tb + layer_bits),
-                            True, False),
-            Region.SEQUENCE: (word_bytes(Region.SEQUENCE, ident.degree), 2 * SEQUENCE_DEPTH, True, True),
-            Region.REGS: (4, len(Reg), False, True),
-            Region.MOMENTS: (2, 5 << (lb + tb), False, True),
-        }
+    @property
+    def identity(self) -> Identity:
+        return self._id
+
+    @property
+    def divisor(self) -> int:
+        return self._divisor
 
     def elaborate(self, platform):
         m = Module()
-        swb = self._swb
-        regions = self._region_table()
+        P = MAX_REQUEST_PAYLOAD
+        regions = self._regions
         identity = self._id.to_bytes()
+        swb = self._id.sample_word_bytes
+        max_words = max(words for _, words, _, _ in regions.values())
+        obits = (max_words - 1).bit_length()         # offset bits any region uses; the rest must be zero
+        level_bits = self._id.fifo_depth.bit_length()
+        rbits = max(Region).bit_length()
 
-        # ------------------------------------------------------------------ request parser
-        code = Signal(8)
-        seq = Signal(8)
-        length = Signal(16)
-        buffer = Signal(data.ArrayLayout(8, MAX_REQUEST_PAYLOAD))
-        index = Signal(range(MAX_REQUEST_PAYLOAD + 1))
-        crc = Signal(16, init=0xFFFF)
-        received_crc = Signal(8)
-        frame_done = Signal()        # a complete frame (or an early rejection) awaits execution
-        early_result = Signal(8)     # nonzero: rejected before execution
-        timeout = Signal(range(TIMEOUT_BIT_TIMES * self._divisor + 1))
-
-        # Status counters (saturating).
-        counters = {name: Signal(8, name=name) for name in ("crc_errors", "framing_errors", "overruns", "timeouts",
-                                                           "rejected")}
-        bumps = {name: Signal(name=f"bump_{name}") for name in counters}
-        clear_counters = Signal()
-        for name, counter in counters.items():
-            with m.If(clear_counters):
-                m.d.sync += counter.eq(0)
-            with m.Elif(bumps[name] & (counter != 255)):
-                m.d.sync += counter.eq(counter + 1)
-        m.d.comb += [bumps["framing_errors"].eq(self.framing_error), bumps["overruns"].eq(self.overrun)]
-        link_error = Signal()
-        m.d.comb += self.link_error.eq(link_error)
-
+        # ================================================================ request parser
         byte = self.rx.payload
-        crc_next = Signal(16)
-        m.d.comb += crc_next.eq(crc16_update(crc, byte))
-        take = Signal()
-        m.d.comb += take.eq(self.rx.valid & self.rx.ready)
-        limit = TIMEOUT_BIT_TIMES * self._divisor
-        taken = Signal()   # the executor has copied the pending frame; the parser may finish another
 
-        def frame_state(name, body):
-            """A state inside a frame: silence longer than the timeout abandons the frame."""
-            with m.State(name):
-                m.d.comb += self.rx.ready.eq(1)
-                with m.If(take):
-                    m.d.sync += timeout.eq(0)
-                    body()
-                with m.Elif(timeout == limit):
-                    m.d.sync += [frame_done.eq(1), early_result.eq(Result.TIMEOUT), timeout.eq(0)]
-                    m.next = "HUNT"
-                with m.Else():
-                    m.d.sync += timeout.eq(timeout + 1)
+        code, seq = Signal(8), Signal(8)
+        start_code = Signal()
+        length = Signal(range(P + 1))
+        align = Signal(4)
+        too_long, high_length = Signal(), Signal()
+        # The payload enters at the top and shifts down. After the frame the executor shifts it on until
+        # its first byte sits in payload[0] (START: its flags byte in payload[4], the low byte of
+        # ``w_data``); a WRITE then shifts each word in turn down to payload[4].
+        payload = Signal(data.ArrayLayout(8, P))
+        remaining = Signal(range(P + 1))        # payload bytes still to come
+        shift = Signal()
+        with m.If(shift):
+            m.d.sync += payload.eq(Cat(payload.as_value()[8:], byte))
 
+        rx_crc = Signal(16)
+        crc_low_ok, crc_high_ok = Signal(), Signal()
+        frame_done = Signal()                   # a frame (or an early rejection) awaits the executor
+        early = Signal(3)                       # its Result so far: OK, BAD_CRC, BAD_LENGTH or TIMEOUT
+        taken = Signal()                        # the executor copies the frame's header this cycle
+        hold = Signal()                         # the executor still uses `payload`
         with m.If(taken):
             m.d.sync += frame_done.eq(0)
 
-        with m.FSM(name="parser"):
-            with m.State("HUNT"):
-                m.d.comb += self.rx.ready.eq(~frame_done)
-                with m.If(take & (byte == SYNC[0])):
-                    m.next = "SYNC1"
+        # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer counts up
+        # from 2**width - limit, so its top bit rises after exactly `limit` steps.
+        limit = TIMEOUT_BIT_TIMES * self._divisor
+        width = limit.bit_length()
+        timer = Signal(width + 1, init=(1 << width) - limit)
+        expired = timer[width]
 
-            def sync1():
+        parser = _OneHot(m, "parser", "HUNT")
+        fold = Signal()                         # the byte taken goes into the CRC
+        with m.If(fold):
+            m.d.sync += rx_crc.eq(crc16_update(rx_crc, byte))
+
+        # Bytes wait on `rx` while a frame awaits the executor (before the next sync) and while the
+        # executor still uses the payload (before the next payload).
+        m.d.comb += self.rx.ready.eq(~((parser["HUNT"] & frame_done) | (parser["LEN1"] & hold) |
+                                       parser["LENGTH"] | parser["VERDICT"]))
+
+        def frame_state(name, body, crc=True, valid=self.rx.valid):
+            # Inside a frame `rx.ready` is high (but in LEN1 while the executor holds the payload), so
+            # a valid byte is taken.
+            with parser.State(name):
+                with m.If(valid):
+                    if crc:
+                        m.d.comb += fold.eq(1)
+                    body()
+
+        with parser.State("HUNT"):
+            with m.If(self.rx.valid & ~frame_done & (byte == SYNC[0])):
+                parser.next = "SYNC1"
+        with parser.State("SYNC1"):   # a lone sync byte is not yet a frame: no timeout
+            m.d.sync += rx_crc.eq(0xFFFF)
+            with m.If(self.rx.valid):
                 with m.If(byte == SYNC[1]):
-                    m.d.sync += [crc.eq(0xFFFF), index.eq(0)]
-                    m.next = "CODE"
+                    parser.next = "CODE"
                 with m.Elif(byte != SYNC[0]):
-                    m.next = "HUNT"
-            with m.State("SYNC1"):   # a lone sync byte is not yet a frame: no timeout
-                m.d.comb += self.rx.ready.eq(1)
-                with m.If(take):
-                    sync1()
+                    parser.next = "HUNT"
 
-            def header(target, after):
-                def body():
-                    m.d.sync += [target.eq(byte), crc.eq(crc_next)]
-                    m.next = after
-                return body
-            frame_state("CODE", header(code, "SEQ"))
-            frame_state("SEQ", header(seq, "LEN0"))
-            frame_state("LEN0", header(length[:8], "LEN1"))
+        def header(target, after):
+            def body():
+                m.d.sync += target.eq(byte)
+                parser.next = after
+            return body
 
-            def len1():
-                m.d.sync += [length[8:].eq(byte), crc.eq(crc_next)]
-                total = Cat(length[:8], byte)
-                with m.If(total > MAX_REQUEST_PAYLOAD):
-                    # Do not swallow a long payload: reject now and resynchronise.
-                    m.d.sync += [frame_done.eq(1), early_result.eq(Result.BAD_LENGTH)]
-                    m.next = "HUNT"
-                with m.Elif(total == 0):
-                    m.next = "CRC0"
-                with m.Else():
-                    m.next = "PAYLOAD"
-            frame_state("LEN1", len1)
+        def code_byte():
+            m.d.sync += [code.eq(byte), start_code.eq(byte == Command.START)]
+            parser.next = "SEQ"
+        frame_state("CODE", code_byte)
+        frame_state("SEQ", header(seq, "LEN0"))
 
-            def payload():
-                with m.Switch(index):
-                    for k in range(MAX_REQUEST_PAYLOAD):
-                        with m.Case(k):
-                            m.d.sync += buffer[k].eq(byte)
-                m.d.sync += [index.eq(index + 1), crc.eq(crc_next)]
-                with m.If(index + 1 == length):
-                    m.next = "CRC0"
-            frame_state("PAYLOAD", payload)
+        def len0():
+            # `length` keeps only the bits a valid length needs; `too_long` remembers the rest.
+            # `align` counts the shifts that will bring the payload's first byte to payload[0] (for
+            # START, its flags byte to payload[4], the low byte of `w_data`).
+            m.d.sync += [length.eq(byte), too_long.eq(byte > P),
+                         align.eq(Mux(start_code, P - 4, P) - byte[:len(length)])]
+            parser.next = "LEN1"
+        frame_state("LEN0", len0)
 
-            def crc0():
-                m.d.sync += received_crc.eq(byte)
-                m.next = "CRC1"
-            frame_state("CRC0", crc0)
+        def len1():
+            m.d.sync += [remaining.eq(length), high_length.eq(byte != 0)]
+            parser.next = "LENGTH"
+        frame_state("LEN1", len1, valid=self.rx.valid & ~hold)
+        with parser.State("LENGTH"):   # the length is whole: judge it (no byte is taken here)
+            with m.If(too_long | high_length):
+                # Do not swallow a long payload: reject now and resynchronise.
+                m.d.sync += [frame_done.eq(1), early.eq(Result.BAD_LENGTH)]
+                parser.next = "HUNT"
+            with m.Elif(length == 0):
+                parser.next = "CRC0"
+            with m.Else():
+                parser.next = "PAYLOAD"
 
-            def crc1():
-                good = Cat(received_crc, byte) == crc
-                m.d.sync += [frame_done.eq(1), early_result.eq(Mux(good, Result.OK, Result.BAD_CRC))]
-                m.next = "HUNT"
-            frame_state("CRC1", crc1)
+        def payload_byte():
+            m.d.comb += shift.eq(1)
+            m.d.sync += remaining.eq(remaining - 1)
+            with m.If(remaining == 1):
+                parser.next = "CRC0"
+        frame_state("PAYLOAD", payload_byte)
 
-        # ------------------------------------------------------------------ execution and response
-        result = Signal(8)
-        # The executor's own copies: the parser may start on the next frame while a response goes out.
-        x_code, x_seq, x_length = Signal(8), Signal(8), Signal(16)
-        # Offsets are checked and added in ``span_bits`` bits, enough for the largest region; higher offset
-        # bits only need to be zero.
-        max_words = max(n for _, n, _, _ in regions.values())
-        span_bits = max_words.bit_length()
-        x_region, x_offset, x_offset_fits = Signal(8), Signal(span_bits), Signal()
-        region = buffer[0]
-        offset = Cat(buffer[1], buffer[2], buffer[3])
-        most_words = max(MAX_READ_COUNT, self._id.fifo_depth + 1, (MAX_REQUEST_PAYLOAD - 4) // 2, 3)
-        count = Signal(range(most_words + 1))        # words to write / read / send
-        word_index = Signal(range(most_words + 1))
-        wb = Signal(4)              # bytes per word of the region
-        payload_len = Signal(16)
-        samples_sent = Signal(32)
-        status_regs = Signal(data.ArrayLayout(32, 3))   # fabric STATUS, OP_INDEX, SWEEPS
-        read_word = Signal(len(self.bus.r_data))
-        out_pos = Signal(range(max(len(identity), StatusReport.size(), 4) + 2))   # payload byte being sent
-        word_addr = Signal(span_bits)                   # offset of the word a WRITE or READ is at
-        m.d.comb += word_addr.eq(x_offset + word_index)
-        byte_in_word = Signal(4)
-        tx_crc = Signal(16)
-        sample_word = Signal(8 * swb)
+        def crc0():
+            m.d.sync += crc_low_ok.eq(byte == rx_crc[:8])
+            parser.next = "CRC1"
+        frame_state("CRC0", crc0, crc=False)
 
-        def region_info(signal):
-            """(known, word bytes, words, writable, readable) of a region number, as logic."""
-            known, wbytes, words, writable, readable = (Signal(), Signal(4), Signal(range(max_words + 1)), Signal(),
-                                                        Signal())
-            with m.Switch(signal):
-                for reg, (b, n, w, r) in regions.items():
-                    with m.Case(int(reg)):
-                        m.d.comb += [known.eq(1), wbytes.eq(b), words.eq(n), writable.eq(w), readable.eq(r)]
-            return known, wbytes, words, writable, readable
+        def crc1():
+            m.d.sync += crc_high_ok.eq(byte == rx_crc[8:])
+            parser.next = "VERDICT"
+        frame_state("CRC1", crc1, crc=False)
+        with parser.State("VERDICT"):   # the frame is whole (no byte is taken here)
+            m.d.sync += [frame_done.eq(1), early.eq(Mux(crc_low_ok & crc_high_ok, Result.OK, Result.BAD_CRC))]
+            parser.next = "HUNT"
 
-        known, wbytes, words, writable, readable = region_info(x_region)
+        # The timer runs only inside a frame and restarts when it expires, so `expired` is one pulse.
+        with m.If(expired):
+            m.d.sync += [frame_done.eq(1), early.eq(Result.TIMEOUT)]
+            parser.next_from_any("HUNT")
+        with m.If(parser["HUNT"] | parser["SYNC1"] | parser["VERDICT"] | self.rx.valid | expired):
+            m.d.sync += timer.eq(timer.init)
+        with m.Else():
+            m.d.sync += timer.eq(timer + 1)
+
+        # ================================================================ execution
+        # Datapath registers are loaded through `_load`, from strobes that the state machine raises one
+        # cycle ahead (`pulse`): every strobe is a flip-flop, and a register's input is one AND-OR of
+        # its sources.
+        pulses = {}                             # id(strobe): (strobe, its value next cycle)
+
+        def strobe(name):
+            s = Signal(name=name)
+            pulses[id(s)] = (s, Signal(name=f"{name}_next"))
+            return s
+
+        def pulse(*strobes):
+            m.d.comb += [pulses[id(s)][1].eq(1) for s in strobes]
+
+        x_seq = Signal(8)
+        x_length = Signal(range(P + 1))
+        result = Signal(3)
+        command = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
+        known = Signal()
+        ok = Signal()                           # `result` is OK
+        m.d.comb += ok.eq(result == Result.OK)
+
+        region_byte = payload[0]
+        offset = Cat(payload[1], payload[2], payload[3])
+        read_count = payload[4]
+        readable_sizes = sorted({wbytes for wbytes, _, _, readable in regions.values() if readable})
+
+        # Facts about the request, registered from the aligned payload.
+        r_known, r_write, r_read, offset_fits, count_ok, good_length, in_range, resent, bad_argument, busy = (
+            Signal(name=n) for n in ("r_known", "r_write", "r_read", "offset_fits", "count_ok", "good_length",
+                                     "in_range", "resent", "bad_argument", "busy"))
+        region_is = {region: Signal(name=f"region_{region.name.lower()}") for region in regions}
+        # The payload length each command needs, and those a WRITE may have.
+        fixed = {Command.IDENTIFY: 0, Command.STOP: 0, Command.STATUS: 0, Command.RESET: 0,
+                 Command.START: 1, Command.SAMPLES: 2, Command.READ: 5}
+        sizes = set(fixed.values()) | {4 + k * wbytes for wbytes, _, _, _ in regions.values()
+                                       for k in range(1, (P - 4) // wbytes + 1)}
+        length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
+        xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
+        xshift = Signal()                       # ALIGN: xcount is not 0
+        r_words = Signal(range(max_words + 1))
+        wb = Signal(range(9))                   # bytes per word of the region
+        rleft = Signal(2)                       # bytes after the first of the next word read
+        n_most = max(MAX_READ_COUNT, self._id.fifo_depth, len(identity), 255)
+        n = Signal(range(n_most + 1))           # words (or bytes) left to handle
+        n_zero = Signal()                       # n was 0 a cycle ago
+        m.d.sync += n_zero.eq(n == 0)
+        n_first = Signal.like(n)                # the words a WRITE carries, or a READ asks for
+        last = Signal(max(obits, 8) + 1)        # one past the last word a READ or WRITE touches
+
+        # The bus: every output from a flip-flop.
+        addr_offset = Signal(max(obits, (len(Reg) - 1).bit_length(), 1))
+        addr_region = Signal(rbits)
+        m.d.comb += [self.bus.addr.eq(Cat(addr_offset, Const(0, REGION_SHIFT - len(addr_offset)), addr_region)),
+                     self.bus.w_data.eq(Cat(*payload[4:P]))]
+        w_en, r_en, r_go = Signal(), Signal(), Signal()
+        m.d.comb += [self.bus.w_en.eq(w_en), self.bus.r_en.eq(r_en)]
+        m.d.sync += [w_en.eq(0), r_go.eq(0), r_en.eq(r_go)]     # a read leaves two cycles after `r_go`
+        a_check, a_inc = strobe("a_check"), strobe("a_inc")
+        status_regs = {"fabric_status": Reg.STATUS, "op_index": Reg.OP_INDEX, "sweeps": Reg.SWEEPS}
+        a_reg = {reg: strobe(f"a_{reg.name.lower()}") for reg in sorted({Reg.FLAGS, Reg.CONTROL,
+                                                                         *status_regs.values()})}
+        _load(m, addr_offset, (a_check, offset), (a_inc, addr_offset + 1),
+              *((s, int(reg)) for reg, s in a_reg.items()))
+        _load(m, addr_region, (a_check, region_byte), (Cat(*a_reg.values()).any(), Region.REGS))
+        # A CONTROL write forces the Control bits of payload[4]; the fabric ignores the others.
+        ctl_bits = max(Control).bit_length()
+        ctl = {value: strobe(f"ctl_{value.name.lower()}") for value in (Control.START, Control.STOP)}
+        _load(m, payload[4][:ctl_bits], *((s, int(value)) for value, s in ctl.items()))
 
         # The last request executed: a START that repeats its sequence number is the host resending a
         # request whose response it lost, and must not start the fabric a second time.
-        last_seq, last_code, last_valid = Signal(8), Signal(8), Signal()
-        resent_start = Signal()
-        m.d.comb += resent_start.eq(last_valid & (x_code == Command.START) & (last_code == Command.START) &
-                                    (last_seq == x_seq))
-        flags_byte = Cat(self.running, self.trng_alarm, self.fabric_error, link_error)
+        last_seq, last_start = Signal(8), Signal()
 
-        tx_crc_next = Signal(16)
-        m.d.comb += tx_crc_next.eq(crc16_update(tx_crc, self.tx.payload))
+        # Counters for STATUS (saturating at 255), sharing one incrementer: they rotate through `ring`, one
+        # place per cycle, and the one that leaves ring[0] is incremented on its way round to the end if
+        # an event waits for it (`waiting`). `phase` (one-hot) names the counter in ring[0]; at phase 0
+        # ring[k] holds counter k. Events come at most once per frame or received byte, far less often
+        # than a counter comes round.
+        names = ("crc_errors", "framing_errors", "overruns", "timeouts", "rejected")
+        bumps = {name: Signal(name=f"bump_{name}") for name in names}
+        clear_counters = strobe("clear_counters")
+        ring = Signal(data.ArrayLayout(8, len(names)))
+        phase = Signal(len(names), init=1)
+        waiting = Signal(len(names))
+        inc, full = Signal(), Signal()          # for the counter in ring[1], which moves to ring[0]
+        m.d.sync += [phase.eq(phase.rotate_left(1)),
+                     ring.eq(Cat(ring.as_value()[8:], ring[0] + (inc & ~full))),
+                     inc.eq((phase & waiting.rotate_right(1)).any()), full.eq(ring[1].all()),
+                     waiting.eq(Cat(*bumps.values()) | (waiting & ~phase.rotate_left(1)))]
+        with m.If(clear_counters):
+            m.d.sync += [ring.eq(0), waiting.eq(0), inc.eq(0)]
+        counters = {name: ring[k] for k, name in enumerate(names)}   # their values at phase 0
+        ring_turn = phase[-1]                   # phase 0 comes next cycle
+        m.d.comb += [bumps["framing_errors"].eq(self.framing_error), bumps["overruns"].eq(self.overrun)]
+        samples_sent = Signal(32)
+        sample_taken = Signal()
+        clear_sent, count_sample = strobe("clear_sent"), strobe("count_sample")
+        with m.If(clear_sent):
+            m.d.sync += samples_sent.eq(0)
+        with m.Elif(count_sample):
+            m.d.sync += samples_sent.eq(samples_sent + 1)
+        link_error = Signal()
+        m.d.comb += self.link_error.eq(link_error)
+        flush = strobe("flush")
+        m.d.comb += self.samples_flush.eq(flush)
+        flag_bits = {Flags.RUNNING: self.running, Flags.TRNG_ALARM: self.trng_alarm,
+                     Flags.FABRIC_ERROR: self.fabric_error, Flags.LINK_ERROR: link_error}
+        flags = Cat(*(flag_bits.get(1 << k, Const(0)) for k in range(8)))
 
-        def send(value, next_state):
-            """Emit one response byte (folding it into the CRC) and go on when the UART takes it."""
-            m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(value)]
-            with m.If(self.tx.ready):
-                m.d.sync += tx_crc.eq(tx_crc_next)
-                m.next = next_state
+        # ---- response bytes: `tx_word` holds the field being sent, its low byte on `tx`; `left` more
+        # bytes follow. `tx_free` falls when a field is ordered (it is loaded the next cycle, `loaded`)
+        # and rises when its last byte has gone.
+        tx_word = Signal(32)
+        left = Signal(2)
+        tx_valid = Signal()
+        m.d.comb += [self.tx.valid.eq(tx_valid), self.tx.payload.eq(tx_word[:8])]
+        tx_free = Signal()                      # no field is being sent or loaded
+        tx_crc = Signal(16)
+        crc_on = Signal()
+        with m.If(tx_valid & self.tx.ready):
+            with m.If(crc_on):
+                m.d.sync += tx_crc.eq(crc16_update(tx_crc, tx_word[:8]))
+            with m.If(left != 0):
+                m.d.sync += [tx_word.eq(tx_word >> 8), left.eq(left - 1)]
+            with m.Else():
+                m.d.sync += tx_valid.eq(0)
 
-        with m.FSM(name="executor"):
-            with m.State("WAIT"):
-                with m.If(frame_done):
-                    m.d.comb += taken.eq(1)
-                    m.d.sync += [word_index.eq(0), out_pos.eq(0), byte_in_word.eq(0), x_code.eq(code),
-                                 x_seq.eq(seq), x_length.eq(length), x_region.eq(region), x_offset.eq(offset),
-                                 x_offset_fits.eq(offset[span_bits:] == 0)]
-                    with m.If(early_result != Result.OK):
-                        m.d.sync += result.eq(early_result)
-                        m.next = "REJECT"
-                    with m.Else():
-                        m.next = "CHECK"
-            with m.State("REJECT"):
-                with m.Switch(result):
-                    with m.Case(Result.BAD_CRC):
-                        m.d.comb += bumps["crc_errors"].eq(1)
-                    with m.Case(Result.TIMEOUT):
-                        m.d.comb += bumps["timeouts"].eq(1)
-                    with m.Default():
-                        m.d.comb += bumps["rejected"].eq(1)
-                m.d.sync += [link_error.eq(1), payload_len.eq(1)]
-                m.next = "RESP_SYNC0"
+        # The values a response is made of, each in a flip-flop.
+        resp_length = Signal(range(1 + max(len(identity), StatusReport.size(), MAX_READ_COUNT * 4,
+                                           4 + self._id.fifo_depth * swb) + 1))
+        id_byte = Signal(8)                     # identity byte n from the end, a cycle late
+        id_bits = len(identity).bit_length()
+        m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
+                                               for k, value in enumerate(identity)), 1 << id_bits)
+                                     .bit_select(n[:id_bits], 1) for j in range(8))))
+        read_word = Signal(32)
+        with m.If(self.bus.r_valid):
+            m.d.sync += read_word.eq(self.bus.r_data)
+        sample_word = Signal(8 * swb)
+        with m.If(sample_taken):
+            m.d.sync += sample_word.eq(self.samples.payload)
 
-            with m.State("CHECK"):
-                # Validate the command, its length and its arguments; nothing has changed yet.
-                bad_length = Signal()
-                bad_argument = Signal()
-                busy = Signal()
-                last = Signal(max(span_bits, 8) + 1)   # one past the last word a READ or WRITE touches
-                n_words = Signal(range((MAX_REQUEST_PAYLOAD - 4) // 2 + 1))
-                m.d.comb += last.eq(x_offset + Mux(x_code == Command.READ, buffer[4], n_words))
-                with m.Switch(x_code):
-                    with m.Case(Command.IDENTIFY, Command.STOP, Command.STATUS, Command.RESET):
-                        m.d.comb += bad_length.eq(x_length != 0)
-                    with m.Case(Command.START):
-                        m.d.comb += [bad_length.eq(x_length != 1), busy.eq(self.running & ~resent_start)]
-                    with m.Case(Command.SAMPLES):
-                        m.d.comb += bad_length.eq(x_length != 2)
-                    with m.Case(Command.WRITE):
-                        # Whole words only; the count follows from the length.
-                        fits = Signal()
-                        with m.Switch(Cat(x_length[:4], wbytes, x_length[4:] != 0)):
-                            for b in sorted({info[0] for info in regions.values() if info[2]}):
-                                for n in range(1, (MAX_REQUEST_PAYLOAD - 4) // b + 1):
-                                    with m.Case((4 + n * b) | b << 4):
-                                        m.d.comb += [fits.eq(1), n_words.eq(n)]
-                        m.d.comb += bad_length.eq(known & ~fits)   # an unknown region is a bad argument
-                        m.d.comb += [bad_argument.eq(~known | ~writable | ~x_offset_fits | (last > words)),
-                                     busy.eq(self.running & (x_region != Region.REGS))]
-                        m.d.sync += count.eq(n_words)
-                    with m.Case(Command.READ):
-                        m.d.comb += [bad_length.eq(x_length != 5),
-                                     bad_argument.eq(~known | ~readable | (buffer[4] == 0) | ~x_offset_fits |
-                                                     (buffer[4] > MAX_READ_COUNT) | (last > words)),
-                                     busy.eq(self.running & (x_region != Region.REGS))]
-                        m.d.sync += count.eq(buffer[4])
-                    with m.Default():
-                        m.d.sync += result.eq(Result.UNKNOWN_COMMAND)
-                with m.If(~Cat(*(x_code == c for c in Command)).any()):
-                    m.d.sync += result.eq(Result.UNKNOWN_COMMAND)
-                    m.next = "REJECT"
-                with m.Elif(bad_length):
-                    m.d.sync += result.eq(Result.BAD_LENGTH)
-                    m.next = "REJECT"
-                with m.Elif(bad_argument):
-                    m.d.sync += result.eq(Result.BAD_ARGUMENT)
-                    m.next = "REJECT"
-                with m.Elif(busy):
-                    m.d.sync += result.eq(Result.BUSY)
-                    m.next = "REJECT"
+        # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; the
+        # engine's own fields are packed into fields of up to four bytes.
+        own = {"samples_waiting": self.samples_level[:level_bits], "samples_sent": samples_sent,
+               "trng_failures": self.trng_failures, **counters}
+        status_steps = []                       # ("reg", Reg, bytes) or ("own", [(name, bytes)...], bytes)
+        for name, size in StatusReport.FIELDS:
+            if name in status_regs:
+                status_steps.append(("reg", status_regs[name], size))
+            elif status_steps and status_steps[-1][0] == "own" and status_steps[-1][2] + size <= 4:
+                kind, fields, total = status_steps.pop()
+                status_steps.append((kind, fields + [(name, size)], total + size))
+            else:
+                status_steps.append(("own", [(name, size)], size))
+
+        fields = [   # (strobe, value, bytes)
+            (strobe("ld_head"), Cat(Const(int.from_bytes(SYNC, "little"), 16), result, Const(0, 5), x_seq), 4),
+            (strobe("ld_length"), Cat(resp_length, Const(0, 16 - len(resp_length)), flags), 3),
+            (strobe("ld_id"), id_byte, 1),
+            (strobe("ld_rdata"), read_word, None),
+            (strobe("ld_sent"), samples_sent, 4),
+            (strobe("ld_sample"), sample_word, swb),
+            (strobe("ld_crc"), tx_crc, 2),
+        ]
+        ld = {s.name: s for s, _, _ in fields}
+        status_load = []                        # per step: the strobe of its field
+        for kind, what, size in status_steps:
+            if kind == "reg":
+                status_load.append(None)
+            elif what == [("samples_sent", 4)]:
+                status_load.append(ld["ld_sent"])
+            else:
+                s = strobe(f"ld_{what[0][0]}")
+                fields.append((s, Cat(*(own[name][:8 * b] for name, b in what)), size))
+                status_load.append(s)
+        loaded = strobe("loaded")             # one of the fields' strobes is high
+        _load(m, tx_word, *((s, value) for s, value, _ in fields), enable=loaded)
+        _load(m, left, *((s, rleft if size is None else size - 1) for s, _, size in fields), enable=loaded)
+        with m.If(loaded):
+            m.d.sync += tx_valid.eq(1)
+        m.d.comb += tx_free.eq(~tx_valid & ~loaded)
+
+        def send(name):
+            """Order a field: it is loaded next cycle."""
+            pulse(ld[name])
+
+        # ---- the words or bytes left
+        n_check, n_dec, n_id, n_avail = strobe("n_check"), strobe("n_dec"), strobe("n_id"), strobe("n_avail")
+        available = Signal.like(n)
+        level = self.samples_level[:level_bits]
+        maximum = Cat(payload[0], payload[1])
+        _load(m, n, (n_check, n_first), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
+
+        # STATUS steps, one-hot.
+        step = Signal(len(status_steps))
+        next_step = strobe("next_step")
+        with m.If(next_step):
+            m.d.sync += step.eq(step << 1)
+
+        pending = Signal()                      # a bus read is on its way
+        more = Signal()                         # a WRITE has words after the one being written
+        executor = _OneHot(m, "executor", "IDLE")
+        with m.If(self.bus.r_valid):   # the fabric answers a few cycles after `r_en`
+            send("ld_rdata")
+            m.d.sync += pending.eq(0)
+            with m.If(executor["READ"]):
+                pulse(n_dec, a_inc)
+            with m.Else():
+                pulse(next_step)
+
+        # ---- the executor
+        with executor.State("IDLE"):
+            with m.If(frame_done):
+                m.d.comb += taken.eq(1)
+                m.d.sync += [x_seq.eq(seq), x_length.eq(length), result.eq(early), hold.eq(1),
+                             known.eq(Cat(*(code == c for c in Command)).any()), xcount.eq(align),
+                             xshift.eq(align != 0)]
+                m.d.sync += [flag.eq(code == c) for c, flag in command.items()]
+                with m.If(early != Result.OK):
+                    executor.next = "REJECT"
                 with m.Else():
-                    m.d.sync += [result.eq(Result.OK), wb.eq(wbytes)]
-                    m.next = "EXECUTE"
+                    executor.next = "ALIGN"
 
-            with m.State("EXECUTE"):
-                m.d.sync += [last_seq.eq(x_seq), last_code.eq(x_code), last_valid.eq(1)]
-                with m.Switch(x_code):
-                    with m.Case(Command.IDENTIFY):
-                        m.d.sync += payload_len.eq(1 + len(identity))
-                        m.next = "RESP_SYNC0"
-                    with m.Case(Command.WRITE):
-                        m.next = "WRITE"
-                    with m.Case(Command.READ):
-                        with m.Switch(wb):   # 1 + count·wb, without a multiplier
-                            for b in sorted({info[0] for info in regions.values() if info[3]}):
-                                with m.Case(b):
-                                    m.d.sync += payload_len.eq(1 + count * b)
-                        m.next = "RESP_SYNC0"
-                    with m.Case(Command.START):
-                        with m.If(resent_start):
-                            m.d.sync += payload_len.eq(1)
-                            m.next = "RESP_SYNC0"
-                        with m.Else():
-                            m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.FLAGS),
-                                         self.bus.w_data.eq(buffer[0]), self.bus.w_en.eq(1)]
-                            m.d.sync += samples_sent.eq(0)
-                            m.next = "START"
-                    with m.Case(Command.STOP, Command.RESET):
-                        m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.CONTROL),
-                                     self.bus.w_data.eq(Control.STOP), self.bus.w_en.eq(1)]
-                        with m.If(x_code == Command.RESET):
-                            m.d.comb += [self.samples_flush.eq(1), clear_counters.eq(1)]
-                            m.d.sync += [samples_sent.eq(0), link_error.eq(0)]
-                        m.d.sync += payload_len.eq(1)
-                        m.next = "RESP_SYNC0"
-                    with m.Case(Command.STATUS):
-                        m.d.sync += word_index.eq(0)
-                        m.next = "STATUS_READ"
-                    with m.Case(Command.SAMPLES):
-                        available = Mux(self.samples_level < Cat(buffer[0], buffer[1]), self.samples_level,
-                                        Cat(buffer[0], buffer[1]))
-                        m.d.sync += [count.eq(available), payload_len.eq(5 + available * swb)]
-                        m.next = "RESP_SYNC0"
-            with m.State("START"):
-                m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | Reg.CONTROL),
-                             self.bus.w_data.eq(Control.START), self.bus.w_en.eq(1)]
-                m.d.sync += payload_len.eq(1)
-                m.next = "RESP_SYNC0"
-            with m.State("WRITE"):
-                # One bus write per word, straight from the checked buffer.
-                word = Signal(8 * max(info[0] for info in regions.values() if info[2]))
-                with m.Switch(Cat(word_index[:2], wb)):
-                    for b in sorted({info[0] for info in regions.values() if info[2]}):
-                        for k in range(4):
-                            if 4 + (k + 1) * b <= MAX_REQUEST_PAYLOAD:
-                                with m.Case(k | b << 2):
-                                    m.d.comb += word.eq(Cat(*(buffer[4 + k * b + j] for j in range(b))))
-                m.d.comb += [self.bus.addr.eq(Cat(word_addr, Const(0, REGION_SHIFT - span_bits), x_region)), self.bus.w_data.eq(word),
-                             self.bus.w_en.eq(1)]
-                m.d.sync += word_index.eq(word_index + 1)
-                with m.If(word_index + 1 == count):
-                    m.d.sync += payload_len.eq(1)
-                    m.next = "RESP_SYNC0"
-            with m.State("STATUS_READ"):
-                # Fabric registers STATUS, OP_INDEX, SWEEPS, one bus read each.
-                reg_of = Array([Const(Reg.STATUS), Const(Reg.OP_INDEX), Const(Reg.SWEEPS)])
-                m.d.comb += [self.bus.addr.eq(int(Region.REGS) << REGION_SHIFT | reg_of[word_index]),
-                             self.bus.r_en.eq(1)]
-                m.next = "STATUS_TAKE"
-            with m.State("STATUS_TAKE"):
-                with m.If(self.bus.r_valid):   # the fabric answers a few cycles later
-                    m.d.sync += status_regs[word_index[:2]].eq(self.bus.r_data)
-                    with m.If(word_index == 2):
-                        m.d.sync += payload_len.eq(1 + StatusReport.size())
-                        m.next = "RESP_SYNC0"
-                    with m.Else():
-                        m.d.sync += word_index.eq(word_index + 1)
-                        m.next = "STATUS_READ"
+        with executor.State("REJECT"):
+            with m.Switch(result):
+                with m.Case(Result.BAD_CRC):
+                    m.d.comb += bumps["crc_errors"].eq(1)
+                with m.Case(Result.TIMEOUT):
+                    m.d.comb += bumps["timeouts"].eq(1)
+                with m.Default():
+                    m.d.comb += bumps["rejected"].eq(1)
+            m.d.sync += link_error.eq(1)
+            executor.next = "RESPOND"
 
-            # ---- response: sync, header, payload, CRC
-            with m.State("RESP_SYNC0"):
-                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(SYNC[0])]
-                with m.If(self.tx.ready):
-                    m.d.sync += tx_crc.eq(0xFFFF)
-                    m.next = "RESP_SYNC1"
-            with m.State("RESP_SYNC1"):
-                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(SYNC[1])]
-                with m.If(self.tx.ready):
-                    m.next = "RESP_CODE"
-            with m.State("RESP_CODE"):
-                send(result, "RESP_SEQ")
-            with m.State("RESP_SEQ"):
-                send(x_seq, "RESP_LEN0")
-            with m.State("RESP_LEN0"):
-                send(payload_len[:8], "RESP_LEN1")
-            with m.State("RESP_LEN1"):
-                send(payload_len[8:], "RESP_FLAGS")
-            with m.State("RESP_FLAGS"):
-                m.d.sync += [word_index.eq(0), byte_in_word.eq(0), out_pos.eq(1)]
-                with m.If((result == Result.OK) & (x_code == Command.READ)):
-                    send(flags_byte, "READ_FETCH")
-                with m.Elif((result == Result.OK) & (x_code == Command.IDENTIFY)):
-                    send(flags_byte, "RESP_IDENTITY")
-                with m.Elif((result == Result.OK) & (x_code == Command.STATUS)):
-                    send(flags_byte, "RESP_STATUS")
-                with m.Elif((result == Result.OK) & (x_code == Command.SAMPLES)):
-                    send(flags_byte, "RESP_INDEX")
+        with executor.State("ALIGN"):
+            with m.If(xshift):
+                m.d.comb += shift.eq(1)
+                m.d.sync += [xcount.eq(xcount - 1), xshift.eq(xcount != 1)]
+            with m.Else():
+                executor.next = "CHECK_FIELDS"
+
+        with executor.State("CHECK_FIELDS"):
+            # Facts about the aligned payload, each from a few bytes of it.
+            m.d.sync += [n_first.eq(read_count),
+                         resent.eq(last_start & (last_seq == x_seq))]
+            m.d.sync += [flag.eq(region_byte == region) for region, flag in region_is.items()]
+            m.d.sync += [flag.eq(x_length == size) for size, flag in length_is.items()]
+            m.d.sync += [offset_fits.eq(offset[obits:] == 0),
+                         count_ok.eq((read_count != 0) & (read_count <= MAX_READ_COUNT))]
+            pulse(a_check)
+            executor.next = "CHECK_COUNT"
+
+        with executor.State("CHECK_COUNT"):
+            m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in fixed.items())).any())
+
+            def table(column):
+                return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
+                                                       for region, info in regions.items()))
+            m.d.sync += [r_known.eq(Cat(*region_is.values()).any()),
+                         r_write.eq(table(lambda b, n, w, r: int(w))), r_read.eq(table(lambda b, n, w, r: int(r))),
+                         r_words.eq(table(lambda b, n, w, r: n)), wb.eq(table(lambda b, n, w, r: b - 1)),
+                         rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))]
+            with m.If(command[Command.WRITE]):
+                # Whole words only: the count follows from the length.
+                m.d.sync += n_first.eq(functools.reduce(operator.or_, (
+                    Mux(region_is[region] & length_is[4 + k * wbytes], k, 0)
+                    for region, (wbytes, _, _, _) in regions.items() for k in range(1, (P - 4) // wbytes + 1))))
+            executor.next = "CHECK_WORDS"
+
+        with executor.State("CHECK_WORDS"):
+            pulse(n_check)
+            with m.If(command[Command.WRITE]):
+                # An unknown region is a bad argument, not a bad length.
+                m.d.sync += good_length.eq((n_first != 0) | ~r_known)
+            executor.next = "CHECK_SUM"
+
+        with executor.State("CHECK_SUM"):
+            executor.next = "CHECK_RANGE"
+
+        with executor.State("CHECK_RANGE"):
+            m.d.sync += last.eq(addr_offset + n)
+            executor.next = "CHECK_LIMIT"
+
+        with executor.State("CHECK_LIMIT"):
+            m.d.sync += in_range.eq(~(r_words - last)[-1])   # last <= r_words, as one carry chain
+            executor.next = "CHECK_ARGUMENTS"
+
+        with executor.State("CHECK_ARGUMENTS"):
+            write, read = command[Command.WRITE], command[Command.READ]
+            m.d.sync += [
+                bad_argument.eq((write & ~(r_write & offset_fits & in_range)) |
+                                (read & ~(r_read & count_ok & offset_fits & in_range))),
+                busy.eq(self.running & ((command[Command.START] & ~resent) |
+                                        ((write | read) & ~region_is[Region.REGS]))),
+            ]
+            executor.next = "CHECK"
+
+        with executor.State("CHECK"):
+            with m.If(~known):
+                m.d.sync += result.eq(Result.UNKNOWN_COMMAND)
+                executor.next = "REJECT"
+            with m.Elif(~good_length):
+                m.d.sync += result.eq(Result.BAD_LENGTH)
+                executor.next = "REJECT"
+            with m.Elif(bad_argument):
+                m.d.sync += result.eq(Result.BAD_ARGUMENT)
+                executor.next = "REJECT"
+            with m.Elif(busy):
+                m.d.sync += result.eq(Result.BUSY)
+                executor.next = "REJECT"
+            with m.Else():
+                executor.next = "EXECUTE"
+
+        with executor.State("EXECUTE"):
+            m.d.sync += [last_seq.eq(x_seq), last_start.eq(command[Command.START])]
+            # The command flags are one-hot: each command goes its own way.
+            m.d.sync += step.eq(1)
+            with m.If(command[Command.IDENTIFY]):
+                pulse(n_id)
+            with m.If(command[Command.WRITE]):
+                executor.next = "WRITE"
+            with m.If(command[Command.START] & ~resent):
+                pulse(a_reg[Reg.FLAGS], clear_sent)   # the flags byte sits in payload[4]
+                executor.next = "START"
+            with m.If(command[Command.STOP] | command[Command.RESET]):
+                pulse(a_reg[Reg.CONTROL], ctl[Control.STOP])
+                executor.next = "CONTROL"
+            with m.If(command[Command.RESET]):
+                pulse(clear_counters, clear_sent, flush)
+                m.d.sync += link_error.eq(0)
+            with m.If(command[Command.SAMPLES]):
+                m.d.sync += available.eq(Mux(level < maximum, level, maximum))
+                executor.next = "SAMPLES"
+            with m.If(command[Command.IDENTIFY] | command[Command.READ] | command[Command.STATUS] |
+                      (command[Command.START] & resent)):
+                executor.next = "RESPOND"
+
+        with executor.State("WRITE"):
+            # One bus write per word: the word sits in payload[4:], then the next shifts down.
+            pulse(n_dec, a_inc)     # the address moves on as the write leaves
+            m.d.sync += [w_en.eq(1), xcount.eq(wb), more.eq(n != 1)]
+            executor.next = "WRITE_SHIFT"
+        with executor.State("WRITE_SHIFT"):
+            # The bus write happens in this state's first cycle; the next word moves in meanwhile.
+            m.d.comb += shift.eq(1)
+            m.d.sync += xcount.eq(xcount - 1)
+            with m.If(xcount == 0):
+                with m.If(more):
+                    executor.next = "WRITE"
                 with m.Else():
-                    send(flags_byte, "RESP_CRC0")
+                    executor.next = "RESPOND"
+        with executor.State("START"):
+            m.d.sync += w_en.eq(1)                # FLAGS
+            pulse(a_reg[Reg.CONTROL], ctl[Control.START])
+            executor.next = "CONTROL"
+        with executor.State("CONTROL"):
+            m.d.sync += w_en.eq(1)
+            executor.next = "RESPOND"
+        with executor.State("SAMPLES"):
+            pulse(n_avail)
+            executor.next = "RESPOND"
 
-            with m.State("RESP_IDENTITY"):
-                id_byte = Signal(8)
-                with m.Switch(out_pos):
-                    for k, b in enumerate(identity, start=1):
-                        with m.Case(k):
-                            m.d.comb += id_byte.eq(b)
-                send(id_byte, "RESP_IDENTITY")
-                with m.If(self.tx.ready):
-                    m.d.sync += out_pos.eq(out_pos + 1)
-                    with m.If(out_pos == len(identity)):
-                        m.next = "RESP_CRC0"
+        # ---- the response: sync, header, flags, body, CRC
+        body = {Command.IDENTIFY: "IDENTITY", Command.READ: "READ", Command.STATUS: "STATUS",
+                Command.SAMPLES: "INDEX"}
+        # The payload length, from registers only: 1 (the flags) + the body.
+        lengths = [(command[Command.IDENTIFY], Const(1 + len(identity))),
+                   (command[Command.STATUS], Const(1 + StatusReport.size())),
+                   (command[Command.SAMPLES], n * swb + 1 + 4)]
+        lengths += [(command[Command.READ] & (rleft == b - 1),
+                     (n << (b.bit_length() - 1)) | 1 if b > 1 else n + 1)   # n · b is even: + 1 is | 1
+                    for b in readable_sizes]
+        m.d.sync += resp_length.eq(Mux(ok, functools.reduce(operator.or_, (Mux(c, v, 0) for c, v in lengths)) |
+                                       ~Cat(*(c for c, _ in lengths)).any(), 1))
 
-            with m.State("RESP_STATUS"):
-                fields = {
-                    "fabric_status": status_regs[0], "op_index": status_regs[1], "sweeps": status_regs[2],
-                    "samples_waiting": self.samples_level, "samples_sent": samples_sent,
-                    "crc_errors": counters["crc_errors"], "framing_errors": counters["framing_errors"],
-                    "overruns": counters["overruns"], "timeouts": counters["timeouts"],
-                    "rejected": counters["rejected"], "trng_failures": self.trng_failures,
-                }
-                status_bytes = []
-                for name, size in StatusReport.FIELDS:
-                    value = fields[name]
-                    status_bytes += [value[8 * k:8 * k + 8] for k in range(size)]
-                status_byte = Signal(8)
-                with m.Switch(out_pos):
-                    for k, b in enumerate(status_bytes, start=1):
-                        with m.Case(k):
-                            m.d.comb += status_byte.eq(b)
-                send(status_byte, "RESP_STATUS")
-                with m.If(self.tx.ready):
-                    m.d.sync += out_pos.eq(out_pos + 1)
-                    with m.If(out_pos == len(status_bytes)):
-                        m.d.comb += clear_counters.eq(1)
-                        m.d.sync += link_error.eq(0)
-                        m.next = "RESP_CRC0"
+        with executor.State("RESPOND"):
+            m.d.sync += hold.eq(0)
+            with m.If(tx_free):
+                send("ld_head")
+                m.d.sync += [tx_crc.eq(_crc16_before_sync()), crc_on.eq(1)]
+                executor.next = "HEADER"
+        # Where the header leads, decided while it goes out.
+        body_next = {c: Signal(name=f"body_{state.lower()}") for c, state in body.items()}
+        no_body = Signal()
+        m.d.sync += [flag.eq(ok & command[c]) for c, flag in body_next.items()]
+        m.d.sync += no_body.eq(~ok | ~Cat(*(command[c] for c in body)).any())
+        with executor.State("HEADER"):
+            with m.If(tx_free):
+                send("ld_length")
+                for c, state in body.items():
+                    with m.If(body_next[c]):
+                        executor.next = state
+                with m.If(no_body):
+                    executor.next = "CRC"
 
-            with m.State("READ_FETCH"):
-                m.d.comb += [self.bus.addr.eq(Cat(word_addr, Const(0, REGION_SHIFT - span_bits), x_region)), self.bus.r_en.eq(1)]
-                m.next = "READ_TAKE"
-            with m.State("READ_TAKE"):
-                with m.If(self.bus.r_valid):   # the fabric answers a few cycles later
-                    m.d.sync += [read_word.eq(self.bus.r_data), byte_in_word.eq(0)]
-                    m.next = "READ_SEND"
-            with m.State("READ_SEND"):
-                send(read_word.word_select(byte_in_word, 8), "READ_SEND")
-                with m.If(self.tx.ready):
-                    m.d.sync += byte_in_word.eq(byte_in_word + 1)
-                    with m.If(byte_in_word + 1 == wb):
-                        m.d.sync += word_index.eq(word_index + 1)
-                        with m.If(word_index + 1 == count):
-                            m.next = "RESP_CRC0"
-                        with m.Else():
-                            m.next = "READ_FETCH"
+        with executor.State("IDENTITY"):
+            with m.If(tx_free):
+                with m.If(n_zero):
+                    executor.next = "CRC"
+                with m.Else():
+                    send("ld_id")
+                    pulse(n_dec)
 
-            with m.State("RESP_INDEX"):
-                send(samples_sent.word_select((out_pos - 1)[:2], 8), "RESP_INDEX")
-                with m.If(self.tx.ready):
-                    m.d.sync += out_pos.eq(out_pos + 1)
-                    with m.If(out_pos == 4):
-                        with m.If(count == 0):
-                            m.next = "RESP_CRC0"
-                        with m.Else():
-                            m.next = "SAMPLE_TAKE"
-            with m.State("SAMPLE_TAKE"):
-                m.d.comb += self.samples.ready.eq(1)
-                with m.If(self.samples.valid):
-                    m.d.sync += [sample_word.eq(self.samples.payload), byte_in_word.eq(0),
-                                 samples_sent.eq(samples_sent + 1)]
-                    m.next = "SAMPLE_SEND"
-            with m.State("SAMPLE_SEND"):
-                send(sample_word.word_select(byte_in_word, 8) if swb > 1 else sample_word, "SAMPLE_SEND")
-                with m.If(self.tx.ready):
-                    m.d.sync += byte_in_word.eq(byte_in_word + 1)
-                    with m.If(byte_in_word + 1 == swb):
-                        m.d.sync += word_index.eq(word_index + 1)
-                        with m.If(word_index + 1 == count):
-                            m.next = "RESP_CRC0"
-                        with m.Else():
-                            m.next = "SAMPLE_TAKE"
+        with executor.State("READ"):
+            with m.If(tx_free & ~pending):
+                with m.If(n_zero):
+                    executor.next = "CRC"
+                with m.Else():
+                    m.d.sync += [r_go.eq(1), pending.eq(1)]
 
-            with m.State("RESP_CRC0"):
-                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(tx_crc[:8])]
-                with m.If(self.tx.ready):
-                    m.next = "RESP_CRC1"
-            with m.State("RESP_CRC1"):
-                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(tx_crc[8:])]
-                with m.If(self.tx.ready):
-                    m.next = "WAIT"
+        with executor.State("STATUS"):
+            with m.If(tx_free & ~pending):
+                with m.If(step == 0):
+                    executor.next = "CRC"
+                for k, (kind, what, size) in enumerate(status_steps):
+                    with m.If(step[k]):
+                        if kind == "reg":
+                            pulse(a_reg[what])
+                            m.d.sync += [r_go.eq(1), pending.eq(1), rleft.eq(size - 1)]
+                        else:
+                            with m.If(ring_turn):   # the counters' places are known at phase 0
+                                pulse(status_load[k])
+                                pulse(next_step)
+
+        with executor.State("INDEX"):
+            with m.If(tx_free):
+                send("ld_sent")
+                executor.next = "SAMPLE"
+        with executor.State("SAMPLE"):
+            with m.If(tx_free):
+                with m.If(n_zero):
+                    executor.next = "CRC"
+                with m.Else():
+                    m.d.comb += self.samples.ready.eq(1)
+                    with m.If(self.samples.valid):
+                        m.d.comb += sample_taken.eq(1)
+                        send("ld_sample")
+                        pulse(n_dec, count_sample)
+
+        with executor.State("CRC"):
+            with m.If(tx_free):
+                send("ld_crc")
+                m.d.sync += crc_on.eq(0)
+                with m.If(ok & command[Command.STATUS]):
+                    pulse(clear_counters)
+                    m.d.sync += link_error.eq(0)
+                executor.next = "IDLE"
+
+        # `loaded` follows every order of a field; written out in two levels, as it gates `tx_free`.
+        own_step = Cat(*(step[k] for k, (kind, _, _) in enumerate(status_steps) if kind == "own")).any()
+        m.d.comb += pulses[id(loaded)][1].eq(self.bus.r_valid | (tx_free & (
+            executor["RESPOND"] | executor["HEADER"] | executor["INDEX"] | executor["CRC"] |
+            (executor["IDENTITY"] & ~n_zero) | (executor["SAMPLE"] & ~n_zero & self.samples.valid) |
+            (executor["STATUS"] & ~pending & own_step & ring_turn))))
+        m.d.sync += [s.eq(s_next) for s, s_next in pulses.values()]
+        parser.finish()
+        executor.finish()
         return m
