@@ -19,8 +19,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from opentsu.devicemap import READABLE, REGION_SHIFT, WRITABLE, Control, Reg, Region, region_words
-from opentsu.protocol import (MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, SYNC, TIMEOUT_BIT_TIMES, Command, Flags,
-                              Identity, Result, StatusReport, crc16, word_bytes)
+from opentsu.protocol import (ADDRESS_BYTES, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, REQUEST_PAYLOAD_BYTES,
+                              SAMPLE_INDEX_BYTES, SYNC, TIMEOUT_BIT_TIMES, Command, Flags, Identity, Result,
+                              StatusReport, crc16, word_bytes)
 
 from .fabric import BusSignature
 
@@ -185,7 +186,7 @@ class CommandEngine(wiring.Component):
             raise ValueError(f"the UART divisor must be a positive integer, not {divisor!r}")
         regions = region_table(identity)
         for region, (wbytes, _, writable, readable) in regions.items():
-            if writable and not wbytes <= min(8, MAX_REQUEST_PAYLOAD - 4):
+            if writable and not wbytes <= min(8, MAX_REQUEST_PAYLOAD - ADDRESS_BYTES):
                 raise ValueError(f"a {wbytes}-byte word of region {region.name} does not fit one WRITE")
             if readable and wbytes not in (1, 2, 4):
                 raise ValueError(f"region {region.name} is readable, but its {wbytes}-byte words are not a "
@@ -308,7 +309,7 @@ class CommandEngine(wiring.Component):
             # `align` counts the shifts that will bring the payload's first byte to payload[0] (for
             # START, its flags byte to payload[4], the low byte of `w_data`).
             m.d.sync += [length.eq(byte), too_long.eq(byte > P),
-                         align.eq(Mux(start_code, P - 4, P) - byte[:len(length)])]
+                         align.eq(Mux(start_code, P - ADDRESS_BYTES, P) - byte[:len(length)])]
             parser.next = "LEN1"
         frame_state("LEN0", len0)
 
@@ -379,7 +380,7 @@ class CommandEngine(wiring.Component):
 
         region_byte = payload[0]
         offset = Cat(payload[1], payload[2], payload[3])
-        read_count = payload[4]
+        read_count = payload[ADDRESS_BYTES]
         readable_sizes = sorted({wbytes for wbytes, _, _, readable in regions.values() if readable})
 
         # Facts about the request, registered from the aligned payload.
@@ -388,10 +389,8 @@ class CommandEngine(wiring.Component):
                                      "in_range", "resent", "bad_argument", "busy"))
         region_is = {region: Signal(name=f"region_{region.name.lower()}") for region in regions}
         # The payload length each command needs, and those a WRITE may have.
-        fixed = {Command.IDENTIFY: 0, Command.STOP: 0, Command.STATUS: 0, Command.RESET: 0,
-                 Command.START: 1, Command.SAMPLES: 2, Command.READ: 5}
-        sizes = set(fixed.values()) | {4 + k * wbytes for wbytes, _, _, _ in regions.values()
-                                       for k in range(1, (P - 4) // wbytes + 1)}
+        sizes = set(REQUEST_PAYLOAD_BYTES.values()) | {ADDRESS_BYTES + k * wbytes for wbytes, _, _, _ in regions.values()
+                                       for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1)}
         length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
         xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
         xshift = Signal()                       # ALIGN: xcount is not 0
@@ -409,7 +408,7 @@ class CommandEngine(wiring.Component):
         addr_offset = Signal(max(obits, (len(Reg) - 1).bit_length(), 1))
         addr_region = Signal(rbits)
         m.d.comb += [self.bus.addr.eq(Cat(addr_offset, Const(0, REGION_SHIFT - len(addr_offset)), addr_region)),
-                     self.bus.w_data.eq(Cat(*payload[4:P]))]
+                     self.bus.w_data.eq(Cat(*payload[ADDRESS_BYTES:P]))]
         w_en, r_en, r_go = Signal(), Signal(), Signal()
         m.d.comb += [self.bus.w_en.eq(w_en), self.bus.r_en.eq(r_en)]
         m.d.sync += [w_en.eq(0), r_go.eq(0), r_en.eq(r_go)]     # a read leaves two cycles after `r_go`
@@ -423,7 +422,7 @@ class CommandEngine(wiring.Component):
         # A CONTROL write forces the Control bits of payload[4]; the fabric ignores the others.
         ctl_bits = max(Control).bit_length()
         ctl = {value: strobe(f"ctl_{value.name.lower()}") for value in (Control.START, Control.STOP)}
-        _load(m, payload[4][:ctl_bits], *((s, int(value)) for value, s in ctl.items()))
+        _load(m, payload[ADDRESS_BYTES][:ctl_bits], *((s, int(value)) for value, s in ctl.items()))
 
         # The last request executed: a START that repeats its sequence number is the host resending a
         # request whose response it lost, and must not start the fabric a second time.
@@ -485,7 +484,7 @@ class CommandEngine(wiring.Component):
 
         # The values a response is made of, each in a flip-flop.
         resp_length = Signal(range(1 + max(len(identity), StatusReport.size(), MAX_READ_COUNT * 4,
-                                           4 + self._id.fifo_depth * swb) + 1))
+                                           SAMPLE_INDEX_BYTES + self._id.fifo_depth * swb) + 1))
         id_byte = Signal(8)                     # identity byte n from the end, a cycle late
         id_bits = len(identity).bit_length()
         m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
@@ -610,7 +609,7 @@ class CommandEngine(wiring.Component):
             executor.next = "CHECK_COUNT"
 
         with executor.State("CHECK_COUNT"):
-            m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in fixed.items())).any())
+            m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in REQUEST_PAYLOAD_BYTES.items())).any())
 
             def table(column):
                 return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
@@ -622,8 +621,9 @@ class CommandEngine(wiring.Component):
             with m.If(command[Command.WRITE]):
                 # Whole words only: the count follows from the length.
                 m.d.sync += n_first.eq(functools.reduce(operator.or_, (
-                    Mux(region_is[region] & length_is[4 + k * wbytes], k, 0)
-                    for region, (wbytes, _, _, _) in regions.items() for k in range(1, (P - 4) // wbytes + 1))))
+                    Mux(region_is[region] & length_is[ADDRESS_BYTES + k * wbytes], k, 0)
+                    for region, (wbytes, _, _, _) in regions.items()
+                    for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1))))
             executor.next = "CHECK_WORDS"
 
         with executor.State("CHECK_WORDS"):
@@ -725,7 +725,7 @@ class CommandEngine(wiring.Component):
         # The payload length, from registers only: 1 (the flags) + the body.
         lengths = [(command[Command.IDENTIFY], Const(1 + len(identity))),
                    (command[Command.STATUS], Const(1 + StatusReport.size())),
-                   (command[Command.SAMPLES], n * swb + 1 + 4)]
+                   (command[Command.SAMPLES], n * swb + 1 + SAMPLE_INDEX_BYTES)]
         lengths += [(command[Command.READ] & (rleft == b - 1),
                      (n << (b.bit_length() - 1)) | 1 if b > 1 else n + 1)   # n · b is even: + 1 is | 1
                     for b in readable_sizes]

@@ -47,7 +47,8 @@ from .devicemap import Region, region_word_bits
 
 __all__ = ["SYNC", "PROTOCOL_VERSION", "MAX_REQUEST_PAYLOAD", "MAX_READ_COUNT", "TIMEOUT_BIT_TIMES", "Command",
            "Result", "Flags", "crc16", "encode_frame", "FrameDecoder", "Identity", "StatusReport", "word_bytes",
-           "ProtocolError", "HEADER_BYTES", "FRAME_OVERHEAD"]
+           "ProtocolError", "HEADER_BYTES", "FRAME_OVERHEAD", "ADDRESS_BYTES", "SAMPLE_INDEX_BYTES",
+           "REQUEST_PAYLOAD_BYTES"]
 
 SYNC = b"\xA5\x5A"
 PROTOCOL_VERSION = 1
@@ -59,6 +60,10 @@ MAX_READ_COUNT = 64
 TIMEOUT_BIT_TIMES = 200
 #: code, seq, length.
 HEADER_BYTES = 4
+#: The address at the front of a WRITE's and a READ's payload: region u8, offset u24.
+ADDRESS_BYTES = 4
+#: The first-index field at the front of a SAMPLES response's words (after the flags byte).
+SAMPLE_INDEX_BYTES = 4
 #: Bytes a frame adds to its payload: sync, header, CRC.
 FRAME_OVERHEAD = len(SYNC) + HEADER_BYTES + 2
 
@@ -72,6 +77,11 @@ class Command(enum.IntEnum):
     STATUS = 0x06
     SAMPLES = 0x07
     RESET = 0x08
+
+
+#: The payload length of every request but WRITE, whose payload is the address and then whole words.
+REQUEST_PAYLOAD_BYTES = {Command.IDENTIFY: 0, Command.READ: ADDRESS_BYTES + 1, Command.START: 1, Command.STOP: 0,
+                         Command.STATUS: 0, Command.SAMPLES: 2, Command.RESET: 0}
 
 
 class Result(enum.IntEnum):
