@@ -100,6 +100,23 @@ def _bit(flag) -> int:
     return flag.value.bit_length() - 1
 
 
+def _kept_register(m, value, enable, name, target):
+    """A register taking ``value`` when ``enable`` is high, which synthesis never merges with an equal one.
+
+    yosys merges flip-flops with the same inputs, and a ``keep`` on their wire does not stop it. On iCE40
+    targets each bit is therefore an ``SB_DFFE`` instance with ``keep`` (no reset: it must be loaded before
+    it is read); elsewhere it is an ordinary register."""
+    reg = Signal(len(value), name=name)
+    if target == "generic":
+        with m.If(enable):
+            m.d.sync += reg.eq(value)
+    else:
+        for k in range(len(reg)):
+            m.submodules[f"{name}_ff{k}"] = Instance("SB_DFFE", a_keep=1, i_C=ClockSignal(), i_E=enable,
+                                                     i_D=value[k], o_Q=reg[k])
+    return reg
+
+
 def _delay_line(m, signal, steps, enable, name):
     """``[signal, signal delayed by 1, ..., by steps]``, counting only cycles with ``enable`` high."""
     out = [signal]
@@ -319,21 +336,42 @@ class Fabric(wiring.Component):
         with m.If(valid[ask]):
             m.d.comb += next_ren.eq(1)
 
+        # Stage A's neighbour spins are read a step early, into flip-flops (`early`), which keeps the torus
+        # multiplexers out of stage A. The read is then one rotation early: it takes the spins the next
+        # rotation brings to the lane's wires (`shift_a`), and is right as long as none of them is written
+        # back in between, which a hazard slack above the latency guarantees. Without a token in the step
+        # ahead of A the read follows the frame (moment passes), looking ahead over its rotation.
+        early = lead >= 2 and g.hazard_slack() > P
+        frame_ahead = Signal(range(C))      # the frame of the next cycle (assigned with the sequencer)
+        shift_ahead = Cat(*valid[lead - 1:lead + P - 1]).any() if early else Const(0, 1)
+        neighbours = []
         for lane in range(L):
             bank, half = lane // 2, lane % 2
             threshold = Threshold(D)
             m.submodules[f"threshold{lane}"] = threshold
             m.d.comb += [threshold.en.eq(step), threshold.word.eq(rng.words[lane]),
                          threshold.bias.eq(scratch.r_data[bank][8 * half:8 * half + 8])]
-            # Stage A's station, looked up a step ahead (at moment passes: the read station).
-            sel_ahead, _ = station_rom(Mux(moment_pass, frame, taus[lead - 1]), lane, "a")
-            sel_a = Signal.like(sel_ahead, name=f"sel_a{lane}")
-            with m.If(step):
-                m.d.sync += sel_a.eq(sel_ahead)
+            # The station of the read, looked up a step ahead (at moment passes: the read station). Every
+            # lane has its own copy, placed near its multiplexers: the lanes' selects are often equal, and
+            # merged into one flip-flop they drove every lane's multiplexers across the chip.
+            if early:
+                sel_ahead, _ = station_rom(Mux(valid[lead - 2], taus[lead - 2], frame_ahead), lane, "a")
+                selects = _kept_register(m, Cat(sel_ahead, shift_ahead), step, f"sel_a{lane}", self._target)
+                m.d.comb += [torus.sel_a[lane].eq(selects[:-1]), torus.shift_a[lane].eq(selects[-1])]
+            else:
+                sel_ahead, _ = station_rom(Mux(moment_pass, frame, taus[lead - 1]), lane, "a")
+                m.d.comb += torus.sel_a[lane].eq(_kept_register(m, sel_ahead, step, f"sel_a{lane}", self._target))
+            if early:
+                spins = Signal(D, name=f"spins_a{lane}")
+                with m.If(step):
+                    m.d.sync += spins.eq(torus.neighbours[lane])
+            else:
+                spins = torus.neighbours[lane]
+            neighbours.append(spins)
             sel_c, idle_c = station_register(taus[depth - 1], step, 0, lane, "c")
             spin_sum = SpinSum(D, P)
             m.submodules[f"spin_sum{lane}"] = spin_sum
-            m.d.comb += [torus.sel_a[lane].eq(sel_a), spin_sum.spins.eq(torus.neighbours[lane]),
+            m.d.comb += [spin_sum.spins.eq(spins),
                          spin_sum.en.eq(step), spin_sum.zero.eq(randomize[lead]), spin_sum.theta.eq(threshold.theta),
                          spin_sum.weights.eq(weights.r_data[lane * wbits * D:(lane + 1) * wbits * D]),
                          torus.write[lane].eq(step & valid[depth] & ~idle_c), torus.sel_w[lane].eq(sel_c),
@@ -356,7 +394,7 @@ class Fabric(wiring.Component):
             bits = [here[lane]]
             for offset in g.moment_offsets[:max(0, kinds - 1)]:
                 d = list(g.offsets).index(offset)
-                bits.append(~(here[lane] ^ torus.neighbours[lane][d]))
+                bits.append(~(here[lane] ^ neighbours[lane][d]))
             moment_bits.append(bits)
 
         # ---------------------------------------------------------------- sequencer
@@ -392,6 +430,9 @@ class Fabric(wiring.Component):
         kind_bit = Signal(L)                # each lane's bit of the current kind, a cycle late
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
         m.d.sync += [moment_drop.eq(0), moment_window.eq(0), moment_write.eq(0), moment_rotate.eq(0)]
+        # Outside the update stream only a moment pass's last phase rotates the torus while the neighbour
+        # spins are read (LOAD and REALIGN end with the frame at rest).
+        m.d.comb += frame_ahead.eq(Mux(moment_rotate, frame_next, frame))
         # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's, each picked the cycle before.
         m.d.comb += drop_old.eq(moment_drop)
         for b in range(banks):

@@ -17,8 +17,10 @@ class SpinTorus(wiring.Component):
     -----
     rotate : In(1)
         At the end of the cycle every flip-flop at ``p`` takes the value at ``p + v``.
-    sel_a : In(ArrayLayout(sel, lanes)), neighbours : Out(ArrayLayout(degree, lanes))
-        Bit d of ``neighbours[ℓ]`` is 1 when the spin at ``station[sel_a[ℓ]] + offset_d`` is +1.
+    sel_a : In(ArrayLayout(sel, lanes)), shift_a : In(lanes), neighbours : Out(ArrayLayout(degree, lanes))
+        Bit d of ``neighbours[ℓ]`` is 1 when the spin at ``station[sel_a[ℓ]] + offset_d`` is +1; with
+        ``shift_a[ℓ]`` high, the spin at ``station[sel_a[ℓ]] + offset_d + v``, which the next rotation
+        brings to ``station + offset_d``.
     sel_r : In(ArrayLayout(sel, lanes)), here : Out(lanes)
         Bit ℓ of ``here`` is the spin at ``station[sel_r[ℓ]]``.
     write, value : In(lanes), sel_w : In(ArrayLayout(sel, lanes))
@@ -33,6 +35,7 @@ class SpinTorus(wiring.Component):
         super().__init__({
             "rotate": In(1),
             "sel_a": In(data.ArrayLayout(self._sel_bits, L)),
+            "shift_a": In(L),
             "neighbours": Out(data.ArrayLayout(geometry.degree, L)),
             "sel_r": In(data.ArrayLayout(self._sel_bits, L)),
             "here": Out(L),
@@ -54,17 +57,26 @@ class SpinTorus(wiring.Component):
         def at(r, c):
             return spins[r % rows][c % cols]
 
-        def tap(lane, select, offset):
-            options = [at(st[0] + offset[0], st[1] + offset[1]) for st in g.lane_stations[lane]]
-            if not options:  # a lane the schedule never uses
+        def tap(lane, select, offset, shift=None):
+            """The spin at ``station[select] + offset`` (``+ v`` with ``shift``), as a balanced tree of
+            two-way multiplexers on the bits of ``Cat(select, shift)``."""
+            stations = g.lane_stations[lane]
+            if not stations:  # a lane the schedule never uses
                 return Const(0, 1)
-            value = options[0]
-            for k, option in enumerate(options[1:], start=1):
-                value = Mux(select == k, option, value)
-            return value
+            options = [at(st[0] + offset[0], st[1] + offset[1]) for st in stations]
+            options += options[-1:] * ((1 << len(select)) - len(options))
+            index = select
+            if shift is not None:
+                options += [at(st[0] + offset[0] + v[0], st[1] + offset[1] + v[1]) for st in stations]
+                options += options[-1:] * ((2 << len(select)) - len(options))
+                index = Cat(select, shift)
+            for bit in index:
+                options = [Mux(bit, options[k + 1], options[k]) for k in range(0, len(options), 2)]
+            return options[0]
 
         for lane in range(g.lanes):
-            m.d.comb += self.neighbours[lane].eq(Cat(*(tap(lane, self.sel_a[lane], o) for o in g.offsets)))
+            m.d.comb += self.neighbours[lane].eq(Cat(*(tap(lane, self.sel_a[lane], o, self.shift_a[lane])
+                                                       for o in g.offsets)))
             m.d.comb += self.here[lane].eq(tap(lane, self.sel_r[lane], (0, 0)))
 
         writers = {}
