@@ -204,8 +204,12 @@ class SpinSum(wiring.Component):
             m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
             level = 0
+            last_pair = None    # (a, b, carry) when the last stage's only addition is a + b + carry
             for stage in range(P):
                 last_level = cuts[stage] if stage < P - 1 else levels
+                if stage == P - 1 and level == levels - 1 and len(values) == 2:
+                    last_pair = (values[0], values[1], pending.pop(0) if pending else Const(0, 1))
+                    level = levels
                 while level < last_level:
                     merged = []
                     for i in range(0, len(values), 2):
@@ -226,7 +230,27 @@ class SpinSum(wiring.Component):
                     m.d.sync += [h.eq(p & ~zero) for h, p in zip(held, pending)]
                 values, pending = regs, held
             assert not pending, "every negative spin must find a carry-in"
-            m.d.comb += self.spin.eq(values[0] >= self.theta)
+            if last_pair is None:
+                m.d.comb += self.spin.eq(values[0] >= self.theta)
+                return m
+            # The last stage adds two sums and a carry and compares with θ: `a + b + c - θ >= 0`. The three
+            # operands a, b and ~θ are first reduced to two by a carry-save step (one LUT level), so that
+            # the stage holds one carry chain instead of two: a + b + ~θ + 1 + c = sum + 2·carry + c + 1.
+            a, b, c = last_pair
+            width = max(len(a), len(self.theta)) + 2
+            ops = []
+            for k, value in enumerate((a, b, self.theta)):
+                wide = Signal(signed(width), name=f"cmp{k}")
+                m.d.comb += wide.eq(value)
+                ops.append(wide.as_unsigned())
+            ops[2] = ~ops[2]
+            sum_bits = Signal(width, name="cmp_sum")
+            carry_bits = Signal(width, name="cmp_carry")
+            m.d.comb += [sum_bits.eq(ops[0] ^ ops[1] ^ ops[2]),
+                         carry_bits.eq((ops[0] & ops[1]) | (ops[0] & ops[2]) | (ops[1] & ops[2]))]
+            total = Signal(width, name="cmp_total")
+            m.d.comb += total.eq(sum_bits + Cat(c, carry_bits[:-1]) + 1)
+            m.d.comb += self.spin.eq(~total[-1])
             return m
 
         count = sum(negatives)
