@@ -13,6 +13,8 @@ import struct
 
 import numpy as np
 
+from .fileio import read_input
+
 __all__ = ["DataError", "load_digits", "read_idx", "load_idx_images", "load_dataset", "DIGITS_THRESHOLD"]
 
 #: The digits' pixel values run from 0 to 16; a pixel is on when its value is at least this.
@@ -40,15 +42,7 @@ def read_idx(path) -> np.ndarray:
     Gzip files are recognised by their content, not their name. Raises ``DataError`` naming the problem.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
+    raw = read_input(path, DataError)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)

@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -349,24 +350,9 @@ def save(path, model: DTM):
 
 def load(path) -> DTM:
     """Read a DTM file. Raises ``DTMError`` naming the problem."""
-    import zipfile
+    from .fileio import open_npz
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DTMError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DTMError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise DTMError(f"{path}: permission denied") from None
-    import io
-    try:
-        archive = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DTMError(f"{path}: not a readable .npz file ({exc})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DTMError(f"{path}: not an .npz archive")
+    archive = open_npz(path, DTMError, "DTM file")
     with archive:
         keys = set(archive.files)
         if "format" not in keys or str(archive["format"]) != _FORMAT:

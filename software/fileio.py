@@ -1,14 +1,45 @@
-"""Output files that are either complete or absent."""
+"""Input files read with errors that name the problem; output files that are either complete or absent."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_npy"]
+__all__ = ["atomic_write", "save_npy", "read_input", "open_npz"]
+
+
+def read_input(path, error: type[Exception]) -> bytes:
+    """The whole content of an input file; raises ``error`` saying it is missing, a directory or unreadable."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied") from None
+
+
+def open_npz(path, error: type[Exception], what: str) -> np.lib.npyio.NpzFile:
+    """An ``.npz`` archive read whole (pickles refused); raises ``error`` naming the problem and ``what`` it is."""
+    path = os.fspath(path)
+    raw = read_input(path, error)
+    if raw[:6] == b"\x93NUMPY":
+        raise error(f"{path}: a single .npy array, not an .npz archive")
+    if raw[:4] != b"PK\x03\x04" and raw[:4] != b"PK\x05\x06":     # a zip's first entry, or an empty zip
+        raise error(f"{path}: not an .npz {what} (it does not start with a zip header)")
+    try:
+        archive = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise error(f"{path}: not a readable .npz {what} ({exc})") from None
+    return archive
 
 
 @contextlib.contextmanager

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .fileio import open_npz
 from .topology import Grid, SparseGraph, TopologyError, detect_grid
 
 __all__ = ["IsingModel", "ModelError", "load_model", "save_model"]
@@ -105,21 +105,7 @@ class IsingModel:
 def load_model(path) -> IsingModel:
     """Read and validate a model file. Raises ``ModelError`` naming the problem."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ModelError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise ModelError(f"{path}: permission denied") from None
-    try:
-        archive = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ModelError(f"{path}: not a readable .npz model file ({exc})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ModelError(f"{path}: not an .npz archive (a single array was found)")
+    archive = open_npz(path, ModelError, "model file")
     with archive:
         keys = set(archive.files)
         missing = {"h", "J"} - keys

@@ -96,7 +96,17 @@ def test_unreadable_inputs_and_outputs(tmp_path, capsys):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip file")
     code, _, err = run(["sample", str(garbage), "-o", str(tmp_path / "o.npy")], capsys)
-    assert code == 2 and "not a readable" in err
+    assert code == 2 and "not an .npz model file" in err and "zip header" in err
+    one_array = tmp_path / "one.npy"
+    np.save(one_array, np.zeros(4))
+    code, _, err = run(["sample", str(one_array), "-o", str(tmp_path / "o.npy")], capsys)
+    assert code == 2 and "a single .npy array, not an .npz archive" in err
+    truncated = tmp_path / "truncated.npz"
+    save_model(truncated, grid_model(3, 3))
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    for command in (["sample"], ["dtm", "sample"]):
+        code, _, err = run([*command, str(truncated), "-o", str(tmp_path / "o.npy")], capsys)
+        assert code == 2 and "not a readable .npz" in err and len(err.strip().splitlines()) == 1
     model = tmp_path / "ok.npz"
     save_model(model, grid_model(3, 3))
     code, _, err = run(["sample", str(model), "-o", str(tmp_path / "missing" / "o.npy")], capsys)
