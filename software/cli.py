@@ -161,6 +161,20 @@ def cmd_demo(args):
     demo.run(args)
 
 
+def _add_run_options(p, n_help, burn_in_help, thin_help):
+    """The options of the verbs that run a model on a backend (``sample``, ``moments``)."""
+    p.add_argument("--backend", choices=("reference", "sim", "verilator", "board"), default="reference")
+    p.add_argument("-n", type=_positive("count"), default=1000, help=n_help)
+    p.add_argument("--chains", type=_positive("chain count"), default=4)
+    p.add_argument("--burn-in", type=_positive("count"), default=100, help=burn_in_help)
+    p.add_argument("--thin", type=_positive("thinning"), default=1, help=thin_help)
+    p.add_argument("--seed", type=_positive("seed"), default=0)
+    p.add_argument("--port", help="serial port of the board backend")
+    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto; default: icebreaker "
+                                    "when the model fits it")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opentsu", description="Open thermodynamic sampling unit: host tools.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -168,31 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample an Ising model file")
     p.add_argument("model", metavar="MODEL.npz")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npy")
-    p.add_argument("--backend", choices=("reference", "sim", "verilator", "board"), default="reference")
-    p.add_argument("-n", type=_positive("count"), default=1000, help="samples in total, across chains")
-    p.add_argument("--chains", type=_positive("chain count"), default=4)
-    p.add_argument("--burn-in", type=_positive("count"), default=100, help="sweeps per chain before the first sample")
-    p.add_argument("--thin", type=_positive("thinning"), default=1, help="sweeps between samples")
-    p.add_argument("--seed", type=_positive("seed"), default=0)
-    p.add_argument("--port", help="serial port of the board backend")
-    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto; default: icebreaker "
-                                    "when the model fits it")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_run_options(p, "samples in total, across chains", "sweeps per chain before the first sample",
+                     "sweeps between samples")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("moments", help="⟨s_i⟩ and ⟨s_i s_j⟩ over the fabric's edges, counted on chip")
     p.add_argument("model", metavar="MODEL.npz")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz",
                    help="samples, mean (n,), edges (E, 2) and correlation (E,)")
-    p.add_argument("--backend", choices=("reference", "sim", "verilator", "board"), default="reference")
-    p.add_argument("-n", type=_positive("count"), default=1000, help="samples counted in total, across chains")
-    p.add_argument("--chains", type=_positive("chain count"), default=4)
-    p.add_argument("--burn-in", type=_positive("count"), default=100, help="sweeps per chain before counting")
-    p.add_argument("--thin", type=_positive("thinning"), default=1, help="sweeps between counted samples")
-    p.add_argument("--seed", type=_positive("seed"), default=0)
-    p.add_argument("--port", help="serial port of the board backend")
-    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_run_options(p, "samples counted in total, across chains", "sweeps per chain before counting",
+                     "sweeps between counted samples")
     p.set_defaults(func=cmd_moments)
 
     p = sub.add_parser("compile", help="compile a model file into a fabric program image")

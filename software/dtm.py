@@ -828,12 +828,9 @@ def _load_model(path) -> DTM:
         raise _usage(str(exc)) from None
 
 
-def _check_output(path, suffix=None):
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise _usage(f"{path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise _usage(f"{path}: is a directory")
+def _check_output(path):
+    from .cli import _check_output as check    # the CLI's own check, one definition for every verb
+    check(path)
 
 
 def _images(args):
