@@ -170,7 +170,7 @@ class CommandEngine(wiring.Component):
     trng_alarm : In(1), trng_failures : In(8)
     link_error : Out(1)                a frame was rejected since the last STATUS (for a LED)
 
-    Every output but ``rx.ready`` and ``samples.ready`` comes straight from a flip-flop, and every
+    Every output but ``rx.ready`` and ``tx.valid`` comes straight from a flip-flop, and every
     register's input is a few levels of logic from flip-flops. A WRITE makes one bus write per word, one
     every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits and the bits above the
     word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ and STATUS fetch each
@@ -450,7 +450,6 @@ class CommandEngine(wiring.Component):
         ring_turn = phase[-1]                   # phase 0 comes next cycle
         m.d.comb += [bumps["framing_errors"].eq(self.framing_error), bumps["overruns"].eq(self.overrun)]
         samples_sent = Signal(32)
-        sample_taken = Signal()
         clear_sent, count_sample = strobe("clear_sent"), strobe("count_sample")
         with m.If(clear_sent):
             m.d.sync += samples_sent.eq(0)
@@ -490,12 +489,6 @@ class CommandEngine(wiring.Component):
         m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
                                                for k, value in enumerate(identity)), 1 << id_bits)
                                      .bit_select(n[:id_bits], 1) for j in range(8))))
-        read_word = Signal(32)
-        with m.If(self.bus.r_valid):
-            m.d.sync += read_word.eq(self.bus.r_data)
-        sample_word = Signal(8 * swb)
-        with m.If(sample_taken):
-            m.d.sync += sample_word.eq(self.samples.payload)
 
         # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; the
         # engine's own fields are packed into fields of up to four bytes.
@@ -515,12 +508,12 @@ class CommandEngine(wiring.Component):
             (strobe("ld_head"), Cat(Const(int.from_bytes(SYNC, "little"), 16), result, Const(0, 5), x_seq), 4),
             (strobe("ld_length"), Cat(resp_length, Const(0, 16 - len(resp_length)), flags), 3),
             (strobe("ld_id"), id_byte, 1),
-            (strobe("ld_rdata"), read_word, None),
+            (self.bus.r_valid, self.bus.r_data, None),     # the fabric's read data lasts one cycle
             (strobe("ld_sent"), samples_sent, 4),
-            (strobe("ld_sample"), sample_word, swb),
+            (strobe("ld_sample"), self.samples.payload, swb),   # taken as it is loaded
             (strobe("ld_crc"), tx_crc, 2),
         ]
-        ld = {s.name: s for s, _, _ in fields}
+        ld = {s.name: s for s, _, _ in fields if s is not self.bus.r_valid}
         status_load = []                        # per step: the strobe of its field
         for kind, what, size in status_steps:
             if kind == "reg":
@@ -532,9 +525,10 @@ class CommandEngine(wiring.Component):
                 fields.append((s, Cat(*(own[name][:8 * b] for name, b in what)), size))
                 status_load.append(s)
         loaded = strobe("loaded")             # one of the fields' strobes is high
-        _load(m, tx_word, *((s, value) for s, value, _ in fields), enable=loaded)
-        _load(m, left, *((s, rleft if size is None else size - 1) for s, _, size in fields), enable=loaded)
-        with m.If(loaded):
+        load = loaded | self.bus.r_valid
+        _load(m, tx_word, *((s, value) for s, value, _ in fields), enable=load)
+        _load(m, left, *((s, rleft if size is None else size - 1) for s, _, size in fields), enable=load)
+        with m.If(load):
             m.d.sync += tx_valid.eq(1)
         m.d.comb += tx_free.eq(~tx_valid & ~loaded)
 
@@ -559,7 +553,6 @@ class CommandEngine(wiring.Component):
         more = Signal()                         # a WRITE has words after the one being written
         executor = _OneHot(m, "executor", "IDLE")
         with m.If(self.bus.r_valid):   # the fabric answers a few cycles after `r_en`
-            send("ld_rdata")
             m.d.sync += pending.eq(0)
             with m.If(executor["READ"]):
                 pulse(n_dec, a_inc)
@@ -790,9 +783,7 @@ class CommandEngine(wiring.Component):
                 with m.If(n_zero):
                     executor.next = "CRC"
                 with m.Else():
-                    m.d.comb += self.samples.ready.eq(1)
                     with m.If(self.samples.valid):
-                        m.d.comb += sample_taken.eq(1)
                         send("ld_sample")
                         pulse(n_dec, count_sample)
 
@@ -807,7 +798,8 @@ class CommandEngine(wiring.Component):
 
         # `loaded` follows every order of a field; written out in two levels, as it gates `tx_free`.
         own_step = Cat(*(step[k] for k, (kind, _, _) in enumerate(status_steps) if kind == "own")).any()
-        m.d.comb += pulses[id(loaded)][1].eq(self.bus.r_valid | (tx_free & (
+        m.d.comb += self.samples.ready.eq(ld["ld_sample"])
+        m.d.comb += pulses[id(loaded)][1].eq((tx_free & (
             executor["RESPOND"] | executor["HEADER"] | executor["INDEX"] | executor["CRC"] |
             (executor["IDENTITY"] & ~n_zero) | (executor["SAMPLE"] & ~n_zero & self.samples.valid) |
             (executor["STATUS"] & ~pending & own_step & ring_turn))))
