@@ -446,8 +446,6 @@ class CommandEngine(wiring.Component):
                      waiting.eq(Cat(*bumps.values()) | (waiting & ~phase.rotate_left(1)))]
         with m.If(clear_counters):
             m.d.sync += [ring.eq(0), waiting.eq(0), inc.eq(0)]
-        counters = {name: ring[k] for k, name in enumerate(names)}   # their values at phase 0
-        ring_turn = phase[-1]                   # phase 0 comes next cycle
         m.d.comb += [bumps["framing_errors"].eq(self.framing_error), bumps["overruns"].eq(self.overrun)]
         samples_sent = Signal(32)
         clear_sent, count_sample = strobe("clear_sent"), strobe("count_sample")
@@ -490,14 +488,18 @@ class CommandEngine(wiring.Component):
                                                for k, value in enumerate(identity)), 1 << id_bits)
                                      .bit_select(n[:id_bits], 1) for j in range(8))))
 
-        # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; the
-        # engine's own fields are packed into fields of up to four bytes.
+        # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; a counter
+        # is sent from ring[0] when its turn comes round; the engine's other fields are packed into fields
+        # of up to four bytes.
         own = {"samples_waiting": self.samples_level[:level_bits], "samples_sent": samples_sent,
-               "trng_failures": self.trng_failures, **counters}
-        status_steps = []                       # ("reg", Reg, bytes) or ("own", [(name, bytes)...], bytes)
+               "trng_failures": self.trng_failures}
+        status_steps = []        # ("reg", Reg, bytes), ("ring", counter, 1) or ("own", [(name, bytes)...], bytes)
         for name, size in StatusReport.FIELDS:
             if name in status_regs:
                 status_steps.append(("reg", status_regs[name], size))
+            elif name in names:
+                assert size == 1
+                status_steps.append(("ring", names.index(name), size))
             elif status_steps and status_steps[-1][0] == "own" and status_steps[-1][2] + size <= 4:
                 kind, fields, total = status_steps.pop()
                 status_steps.append((kind, fields + [(name, size)], total + size))
@@ -512,12 +514,15 @@ class CommandEngine(wiring.Component):
             (strobe("ld_sent"), samples_sent, 4),
             (strobe("ld_sample"), self.samples.payload, swb),   # taken as it is loaded
             (strobe("ld_crc"), tx_crc, 2),
+            (strobe("ld_ring"), ring[0], 1),
         ]
         ld = {s.name: s for s, _, _ in fields if s is not self.bus.r_valid}
         status_load = []                        # per step: the strobe of its field
         for kind, what, size in status_steps:
             if kind == "reg":
                 status_load.append(None)
+            elif kind == "ring":
+                status_load.append(ld["ld_ring"])
             elif what == [("samples_sent", 4)]:
                 status_load.append(ld["ld_sent"])
             else:
@@ -760,6 +765,9 @@ class CommandEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += [r_go.eq(1), pending.eq(1)]
 
+        # A counter is loaded the cycle it sits in ring[0].
+        status_ready = [phase[(what - 1) % len(names)] if kind == "ring" else Const(1)
+                        for kind, what, _ in status_steps]
         with executor.State("STATUS"):
             with m.If(tx_free & ~pending):
                 with m.If(step == 0):
@@ -770,7 +778,7 @@ class CommandEngine(wiring.Component):
                             pulse(a_reg[what])
                             m.d.sync += [r_go.eq(1), pending.eq(1), rleft.eq(size - 1)]
                         else:
-                            with m.If(ring_turn):   # the counters' places are known at phase 0
+                            with m.If(status_ready[k]):
                                 pulse(status_load[k])
                                 pulse(next_step)
 
@@ -797,12 +805,13 @@ class CommandEngine(wiring.Component):
                 executor.next = "IDLE"
 
         # `loaded` follows every order of a field; written out in two levels, as it gates `tx_free`.
-        own_step = Cat(*(step[k] for k, (kind, _, _) in enumerate(status_steps) if kind == "own")).any()
+        own_step = Cat(*(step[k] & status_ready[k] for k, (kind, _, _) in enumerate(status_steps)
+                         if kind != "reg")).any()
         m.d.comb += self.samples.ready.eq(ld["ld_sample"])
         m.d.comb += pulses[id(loaded)][1].eq((tx_free & (
             executor["RESPOND"] | executor["HEADER"] | executor["INDEX"] | executor["CRC"] |
             (executor["IDENTITY"] & ~n_zero) | (executor["SAMPLE"] & ~n_zero & self.samples.valid) |
-            (executor["STATUS"] & ~pending & own_step & ring_turn))))
+            (executor["STATUS"] & ~pending & own_step))))
         m.d.sync += [s.eq(s_next) for s, s_next in pulses.values()]
         parser.finish()
         executor.finish()
