@@ -686,7 +686,9 @@ class CommandEngine(wiring.Component):
                 pulse(clear_counters, clear_sent, flush)
                 m.d.sync += link_error.eq(0)
             with m.If(command[Command.SAMPLES]):
-                m.d.sync += available.eq(Mux(level < maximum, level, maximum))
+                # The level needs `level_bits`; a maximum with bits above those is larger.
+                m.d.sync += available.eq(Mux(maximum[level_bits:].any() | (level < maximum[:level_bits]),
+                                             level, maximum[:level_bits]))
                 executor.next = "SAMPLES"
             with m.If(command[Command.IDENTIFY] | command[Command.READ] | command[Command.STATUS] |
                       (command[Command.START] & resent)):
