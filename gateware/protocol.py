@@ -170,13 +170,14 @@ class CommandEngine(wiring.Component):
     trng_alarm : In(1), trng_failures : In(8)
     link_error : Out(1)                a frame was rejected since the last STATUS (for a LED)
 
-    Every output but ``rx.ready`` and ``tx.valid`` comes straight from a flip-flop, and every
-    register's input is a few levels of logic from flip-flops. A WRITE makes one bus write per word, one
-    every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits and the bits above the
-    word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ and STATUS fetch each
-    fabric word just before sending it. After a frame the engine holds back the next frame's payload
-    (at its second length byte) for the few tens of cycles it takes to check and execute the frame,
-    far less than the six bytes that come before that payload.
+    Every output but ``rx.ready`` comes straight from a flip-flop, and every register's input is a few
+    levels of logic from flip-flops. A capture word is taken (``samples.ready``) in the cycle it is
+    loaded for sending, and the fabric's read data in the cycle ``r_valid`` is high. A WRITE makes one
+    bus write per word, one every ``word bytes + 1`` cycles; ``w_data`` carries the word in its low bits
+    and the bits above the word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ
+    and STATUS fetch each fabric word just before sending it. After a frame the engine holds back the
+    next frame's payload (at its second length byte) for the few tens of cycles it takes to check and
+    execute the frame, far less than the six bytes that come before that payload.
     """
 
     def __init__(self, identity: Identity, divisor: int):
