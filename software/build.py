@@ -599,13 +599,13 @@ def parse_fabric(text: str):
     from .fabric import PRESETS, FabricConfig
     if text in PRESETS:
         return PRESETS[text]
-    match = re.fullmatch(r"(\d+)x(\d+):((?:-?\d+,-?\d+)(?:;-?\d+,-?\d+)*):(\d+)(?::(\d+))?", text.strip())
+    from .topology import parse_jumps
+    match = re.fullmatch(r"(\d+)x(\d+):([-\d,;]+):(\d+)(?::(\d+))?", text.strip())
     if not match:
         raise ValueError(f"fabric {text!r} is neither a preset ({', '.join(PRESETS)}) nor "
                          "ROWSxCOLS:DR,DC[;DR,DC...]:LANES[:LAYERS]")
     rows, cols, jumps, lanes, layers = match.groups()
-    jumps = tuple(tuple(int(x) for x in j.split(",")) for j in jumps.split(";"))
-    return FabricConfig(int(rows), int(cols), jumps, lanes=int(lanes), layers=int(layers or 1))
+    return FabricConfig(int(rows), int(cols), parse_jumps(jumps), lanes=int(lanes), layers=int(layers or 1))
 
 
 def export_verilog(path: str, *, fabric=None, clock_hz: int = 48_000_000, baud: int = 3_000_000,

@@ -42,9 +42,10 @@ from importlib import resources
 import numpy as np
 
 from .emulator import FORCE as _FORCE  # the kernel's clamp: a bias beyond any field
+from .fabric import PRESETS
 from .formats import BIAS, COUPLING, WEIGHT
 from .sequence import Op, Opcode
-from .topology import Grid, colour
+from .topology import Grid, TopologyError, colour, parse_jumps
 
 __all__ = [
     "DTMError", "cumulative_flips", "geometric_schedule", "flip", "forward_pair", "Layout", "DTM", "chain_sequence",
@@ -52,6 +53,8 @@ __all__ = [
     "load", "save", "register",
 ]
 
+#: The grid's jumps by default: the iCEBreaker fabric's, so a trained model runs on that board as it is.
+DEFAULT_JUMPS = PRESETS["icebreaker"].jumps
 _FORMAT = "opentsu-dtm"
 _VERSION = 1
 
@@ -145,7 +148,7 @@ class Layout:
             raise DTMError("the visible nodes must all lie in one colour class")
 
     @classmethod
-    def spaced(cls, height: int, width: int, jumps=((0, 1), (2, 1)), spacing: int = 2) -> "Layout":
+    def spaced(cls, height: int, width: int, jumps=DEFAULT_JUMPS, spacing: int = 2) -> "Layout":
         """Pixel (i, j) on node (spacing·i, spacing·j) of a (spacing·H)×(spacing·W) torus: with spacing 2 and
         odd jumps the pixels fill one checkerboard class at a quarter of the nodes."""
         grid = Grid(spacing * height, spacing * width, tuple(jumps), torus=True)
@@ -153,7 +156,7 @@ class Layout:
         return cls(grid, spacing * i * grid.cols + spacing * j, (height, width))
 
     @classmethod
-    def diamond(cls, height: int, width: int, jumps=((0, 1), (2, 1)), size: int | None = None) -> "Layout":
+    def diamond(cls, height: int, width: int, jumps=DEFAULT_JUMPS, size: int | None = None) -> "Layout":
         """Pixel (i, j) on node (i + j, i - j) of a ``size``×``size`` torus (default ``2·max(H, W)``): the
         image turned by 45° into a diamond of one checkerboard class, neighbouring pixels diagonal to each
         other, so that every latent inside the image touches up to eight pixels."""
@@ -536,7 +539,7 @@ class TrainConfig:
     engine: str = "fabric"              # "fabric": the kernel with quantised codes; "float": exact float Gibbs
     layout: str = "spaced"              # "spaced" (Layout.spaced) or "diamond" (Layout.diamond)
     spacing: int = 2
-    jumps: tuple = ((0, 1), (2, 1))
+    jumps: tuple = DEFAULT_JUMPS
 
     def schedule(self) -> np.ndarray:
         if self.flips is not None:
@@ -858,6 +861,11 @@ def cmd_train(args):
         overrides = {k: getattr(args, k) for k in ("steps", "sweeps", "iterations", "batch", "final_flip", "seed",
                                                    "learning_rate", "positive_sweeps", "engine")
                      if getattr(args, k) is not None}
+        if args.jumps is not None:
+            try:
+                overrides["jumps"] = parse_jumps(args.jumps)
+            except TopologyError as exc:
+                raise _usage(str(exc)) from None
         if args.no_acp:
             overrides["acp"] = False
         if args.mebm:
@@ -1015,6 +1023,8 @@ def register(subparsers):
     p.add_argument("--batch", type=_positive("batch size"), help="data pairs per iteration; default 256")
     p.add_argument("--final-flip", type=float, help="flip probability of the last denoising step; default 0.03")
     p.add_argument("--learning-rate", type=float, help="initial Adam step size; default 0.03")
+    p.add_argument("--jumps", metavar="DR,DC;...", help="the grid's jump offsets (default: the iCEBreaker fabric's, "
+                   + ";".join(f"{a},{b}" for a, b in DEFAULT_JUMPS) + "); other jumps need a fabric with them")
     p.add_argument("--no-acp", action="store_true", help="train without the adaptive correlation penalty")
     p.add_argument("--engine", choices=("fabric", "float"), help="Gibbs sampler for training: 'fabric' (default) runs "
                                                                   "the emulator kernel on the quantised codes (QAT), "

@@ -11,6 +11,7 @@ This is the order the fabric's weight words use. Missing neighbours (beyond an o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from math import gcd
@@ -19,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "rotations", "canonical_jump", "opposite", "Grid", "SparseGraph", "Colouring", "lattice_colouring",
-    "checkerboard", "dsatur", "colour", "detect_grid", "TopologyError",
+    "checkerboard", "dsatur", "colour", "detect_grid", "parse_jumps", "TopologyError",
 ]
 
 
@@ -41,6 +42,18 @@ def canonical_jump(offset: tuple[int, int]) -> tuple[int, int]:
         if r[0] >= 0 and r[1] > 0:
             return r
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def parse_jumps(text: str) -> tuple[tuple[int, int], ...]:
+    """Jumps written ``DR,DC[;DR,DC...]`` (e.g. ``0,1;4,3``), as given. Raises ``TopologyError`` naming the
+    problem."""
+    parts = text.strip().split(";")
+    if not all(re.fullmatch(r"\s*-?\d+\s*,\s*-?\d+\s*", part) for part in parts):
+        raise TopologyError(f"jumps {text!r} are not DR,DC[;DR,DC...] (e.g. 0,1;4,3)")
+    jumps = tuple(tuple(int(x) for x in part.split(",")) for part in parts)
+    for jump in jumps:
+        canonical_jump(jump)
+    return jumps
 
 
 def opposite(column: int) -> int:

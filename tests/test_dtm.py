@@ -327,6 +327,8 @@ def test_cli_sample_writes_the_contract_array_and_a_png(tmp_path, capsys):
     (["dtm", "eval", "--data", "{tmp}/none.idx", "--no-float"], "no such file"),
     (["dtm", "train", "-o", "{out}", "--final-flip", "0.7"], "final flip"),
     (["dtm", "train", "-o", "{out}", "--steps", "0"], "step count"),
+    (["dtm", "train", "-o", "{out}", "--jumps", "0,1,3"], "DR,DC"),
+    (["dtm", "train", "-o", "{out}", "--jumps", "0,1;0,0"], "joins a node to itself"),
     (["dtm", "train", "-o", "{out}", "--resume", "{bad}"], "not an OpenTSU DTM file"),
 ])
 def test_cli_bad_input_exits_2_and_leaves_no_file(argv, message, tmp_path, capsys):

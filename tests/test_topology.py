@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from opentsu.topology import (Grid, SparseGraph, TopologyError, canonical_jump, colour, detect_grid, dsatur,
-                              lattice_colouring, opposite, rotations)
+                              lattice_colouring, opposite, parse_jumps, rotations)
 
 
 def test_jumps_expand_to_four_rotations():
@@ -18,6 +18,15 @@ def test_canonical_jump_names_each_class_once():
     for jump in ((0, 1), (2, 1), (1, 2), (3, 0), (1, 1)):
         assert {canonical_jump(r) for r in rotations(jump)} == {canonical_jump(jump)}
     assert canonical_jump((2, 1)) != canonical_jump((1, 2))
+
+
+def test_parse_jumps_keeps_the_order_given_and_names_bad_text():
+    assert parse_jumps("0,1;4,3") == ((0, 1), (4, 3))
+    assert parse_jumps(" 2, 1 ; -1,0") == ((2, 1), (-1, 0))
+    for text, message in (("0,1,3", "DR,DC"), ("", "DR,DC"), ("0,1;", "DR,DC"), ("a,b", "DR,DC"),
+                          ("0,0", "itself")):
+        with pytest.raises(TopologyError, match=message):
+            parse_jumps(text)
 
 
 @pytest.mark.parametrize("torus", [True, False])
