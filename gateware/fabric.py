@@ -288,11 +288,13 @@ class Fabric(wiring.Component):
         use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
         increment = Signal(banks)
-        bus_w_data = Signal(64)
+        bus_w_data = Signal(16)             # the bus word, for every write but a weight write
         next_wdata = Signal(data.ArrayLayout(16, banks))
+        # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
+        # the memory directly, and a dropped count (its upper bits 0) is the flip-flops' synchronous reset.
         for b in range(banks):
-            old = Mux(use_bus_data, bus_w_data[:16], Mux(drop_old, 0, scratch.r_data[b]))
-            m.d.comb += next_wdata[b].eq(old + increment[b])
+            counted = Mux(use_bus_data, bus_w_data[:16], scratch.r_data[b] + increment[b])
+            m.d.comb += next_wdata[b].eq(Mux(drop_old, increment[b], counted))
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
@@ -412,8 +414,7 @@ class Fabric(wiring.Component):
         sweeps_last = Signal()              # sweeps_left == 1
         thin = Signal(ARG_BITS, init=1)
         thin_one = Signal(init=1)
-        takes_left = Signal(ARG_BITS)
-        takes_more = Signal()               # takes_left > 1
+        takes_more = Signal()               # a take op has more than one take left (op_arg > 1)
         f_tau_last = Signal(init=C == 1)    # f_tau == C - 1
         accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
         phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
@@ -463,22 +464,23 @@ class Fabric(wiring.Component):
             if (leaving in front_states) != (name in front_states):
                 m.d.sync += f_valid.eq(name in front_states)
 
-        # Wide registers that several states write take their value through one enabled assignment
-        # (`put`): written in state blocks directly, yosys did not find their clock enables and spent a
-        # LUT per bit on holding them. Each state puts one value, so the value is picked by the state
-        # flags alone, and the state's conditions only reach the enable.
-        held = {}
-        for reg in (f_tau, sweeps_left, sweeps_count, takes_left, thin, op_index, moment_samples):
-            enable, value_next = Signal(name=f"{reg.name}_put"), Signal.like(reg, name=f"{reg.name}_next")
-            with m.If(enable):
-                m.d.sync += reg.eq(value_next)
-            held[reg.name] = enable, value_next, {}
+        # Wide registers are not written in the state blocks: the states raise one-bit requests, and each
+        # register has one assignment below them, loading, clearing or counting. Written in state blocks
+        # directly, yosys did not find their clock enables and spent a LUT per bit on holding them; and a
+        # constant load (a counter's clear) becomes the flip-flops' synchronous reset, which is free.
+        run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
+        op_next = Signal()                  # op_index + 1
+        front_restart = Signal()            # f_tau = 0
+        front_advance = Signal()            # f_tau + 1, wrapping; a sweep ends at the wrap
+        sweeps_from_arg = Signal()          # sweeps_left = op_arg
+        sweeps_from_thin = Signal()         # sweeps_left = thin
+        thin_from_arg = Signal()            # thin = op_arg
+        arg_fetch = Signal()                # op_arg = the op word's argument
+        take_done = Signal()                # op_arg - 1: op_arg counts a take op's takes left
+        sample_done = Signal()              # moment_samples + 1
 
-        def put(reg, value):
-            enable, _, values = held[reg.name]
-            value = Value.cast(value)
-            assert repr(values.setdefault(current[-1], value)) == repr(value), "one value per state"
-            m.d.comb += enable.eq(1)
+        def request(flag):
+            m.d.comb += flag.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
         # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
@@ -487,21 +489,15 @@ class Fabric(wiring.Component):
             Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
 
         def restart_front():
-            put(f_tau, 0)
+            request(front_restart)
             m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
-            """Move the stream front to the next τ; at the end of a sweep count it (True: a sweep ends)."""
-            put(f_tau, Mux(f_tau_last, 0, f_tau + 1))
+            """Move the stream front to the next τ; at the end of a sweep count it."""
+            request(front_advance)
             m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
-                put(sweeps_left, sweeps_left - 1)
-                put(sweeps_count, sweeps_count + 1)
                 m.d.sync += sweeps_last.eq(sweeps_left == 2)
-
-        def load_sweeps(value, last):
-            put(sweeps_left, value)
-            m.d.sync += sweeps_last.eq(last)
 
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
@@ -516,7 +512,8 @@ class Fabric(wiring.Component):
                 goto(f"{prefix}FETCH2")
             with state(f"{prefix}FETCH2"):
                 word = seq.r_data
-                m.d.sync += [op_arg.eq(word), arg_zero.eq(word == 0), arg_one.eq(word == 1),
+                request(arg_fetch)
+                m.d.sync += [arg_zero.eq(word == 0), arg_one.eq(word == 1),
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
                 goto(f"{prefix}FETCH3")
             with state(f"{prefix}FETCH3"):
@@ -532,8 +529,11 @@ class Fabric(wiring.Component):
                              op_accumulate.eq(accumulate)]
                 sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
                 with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
-                    load_sweeps(Mux(sweep, op_arg, 1), ~sweep | arg_one)
-                    put(op_index, op_index + 1)
+                    # A RANDOMIZE op runs one sweep whatever its argument: sweeps_last ends it, and
+                    # sweeps_left is loaded again before it is next looked at.
+                    request(sweeps_from_arg)
+                    m.d.sync += sweeps_last.eq(~sweep | arg_one)
+                    request(op_next)
                     m.d.sync += f_randomize.eq(randomizing)
                     on_update()
                 with m.Else():
@@ -560,8 +560,7 @@ class Fabric(wiring.Component):
         with state("IDLE"):
             seed_address(Const(0, 1))
             with m.If(start_pulse):
-                for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
-                    put(reg, value)
+                request(run_start)
                 m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
                              moments_full.eq(0)]
                 restart_front()
@@ -590,20 +589,19 @@ class Fabric(wiring.Component):
             with m.If(stop_request | op_finish):
                 goto("FINISH")
             with m.If(~stop_request & op_sweep):  # SWEEP 0
-                put(op_index, op_index + 1)
+                request(op_next)
                 goto("FETCH0")
             with m.If(~stop_request & op_thin):
-                put(op_index, op_index + 1)
-                put(thin, op_arg)
+                request(op_next)
+                request(thin_from_arg)
                 m.d.sync += thin_one.eq(arg_one)
                 goto("FETCH0")
             with m.If(~stop_request & op_load):
-                put(op_index, op_index + 1)
+                request(op_next)
                 m.d.sync += [layer.eq(op_arg), phase.eq(0), phase_last.eq(0)]
                 goto("LOAD")
             with m.If(~stop_request & op_take):
-                put(op_index, op_index + 1)
-                put(takes_left, op_arg)
+                request(op_next)
                 m.d.sync += [takes_more.eq(arg_many), phase.eq(0), phase_last.eq(0), kind.eq(0),
                              kind_last.eq(kinds <= 1), accumulating.eq(op_accumulate), moment_pass.eq(op_accumulate)]
                 goto("TAKE")
@@ -698,13 +696,13 @@ class Fabric(wiring.Component):
                         m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
                 with m.If(accumulating & ~moments_full):
-                    put(moment_samples, moment_samples + 1)
+                    request(sample_done)
                     m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
                 m.d.sync += moment_pass.eq(0)
                 with m.If(takes_more & ~stop_request):
-                    put(takes_left, takes_left - 1)
-                    m.d.sync += [takes_more.eq(takes_left > 2), f_randomize.eq(0)]
-                    load_sweeps(thin, thin_one)
+                    request(take_done)
+                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0), sweeps_last.eq(thin_one)]
+                    request(sweeps_from_thin)
                     goto("TAKE_SWEEPS")
                 with m.Else():
                     goto("FETCH0")
@@ -720,35 +718,62 @@ class Fabric(wiring.Component):
         with state("STOPPED"):
             m.d.sync += running.eq(0)
             goto("IDLE")
-        for _, value_next, values in held.values():
-            picked = [Mux(in_state[name], value, 0) for name, value in values.items()]
-            m.d.comb += value_next.eq(reduce(operator.or_, picked))
+        sweep_done = front_advance & f_tau_last
+        for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
+            with m.If(run_start):
+                m.d.sync += reg.eq(0)
+            with m.Elif(count):
+                m.d.sync += reg.eq(reg + 1)
+        with m.If(run_start):
+            m.d.sync += thin.eq(1)
+        with m.Elif(thin_from_arg):
+            m.d.sync += thin.eq(op_arg)
+        with m.If(front_restart | sweep_done):
+            m.d.sync += f_tau.eq(0)
+        with m.Elif(front_advance):
+            m.d.sync += f_tau.eq(f_tau + 1)
+        with m.If(sweeps_from_arg):
+            m.d.sync += sweeps_left.eq(op_arg)
+        with m.Elif(sweeps_from_thin):
+            m.d.sync += sweeps_left.eq(thin)
+        with m.Elif(sweep_done):
+            m.d.sync += sweeps_left.eq(sweeps_left - 1)
+        with m.If(arg_fetch):
+            m.d.sync += op_arg.eq(seq.r_data)
+        with m.Elif(take_done):
+            m.d.sync += op_arg.eq(op_arg - 1)
         with m.If(stop_pulse & running):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
         # The bus is registered on the way in, with its region decoded: the decode then starts from
         # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
-        # `r_valid`.
+        # `r_valid`. Weight writes are the exception: they land in the bus cycle itself, so their wide
+        # word (a DFF-only cell per bit) is never registered; the weight memory's ports come from the
+        # master's flip-flops through a short decode.
         bus_addr = Signal.like(self.bus.addr)
         bus_r_en = Signal()
         is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
-        lane_hot = Signal(L)
-        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data),
-                     bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
-        m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
-                     for region, flag in is_region.items()]
+        bus_region = self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8]
+        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data[:len(bus_w_data)]),
+                     bus_r_en.eq(self.bus.r_en)]
+        m.d.sync += [flag.eq(bus_region == region) for region, flag in is_region.items()]
         reg_bits = (len(Reg) - 1).bit_length()
         is_register = Signal()              # the offset's high bits are 0: a register write may decode
         m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
         # Writes are decoded per region on the way in too, so a memory's write enable is one LUT away.
-        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region}
-        m.d.sync += [flag.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region))
-                     for region, flag in write_to.items()]
+        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region
+                    if region != Region.WEIGHTS}
+        m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
+        # A write is refused when `running` is high in the cycle it is decided: the bus cycle for weights,
+        # the next cycle for the other memories.
         memory_write = Signal()
-        m.d.sync += memory_write.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] != Region.REGS))
-        with m.If(memory_write & running):
+        m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS) & (bus_region != Region.WEIGHTS))
+        weight_write = self.bus.w_en & (bus_region == Region.WEIGHTS)
+        weight_refused = Signal()
+        m.d.sync += weight_refused.eq(weight_write & running)
+        with m.If((memory_write & running) | weight_refused):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
         def idle_write(region):
@@ -763,14 +788,17 @@ class Fabric(wiring.Component):
 
         # WEIGHTS: Cat(lane, τ, layer); PARAMS: Cat(bank, k, τ, layer); CLAMPS: Cat(bank, τ, layer);
         # MOMENTS: Cat(lane, τ, kind) (opentsu.devicemap).
-        _, w_tau, w_layer = fields(lbits, tbits, layer_bits)
+        w_lane = self.bus.addr[:lbits]
+        w_tau = self.bus.addr[lbits:lbits + tbits]
+        w_layer = self.bus.addr[lbits + tbits:lbits + tbits + layer_bits]
         p_bank, p_k, p_tau, p_layer = fields(bbits, 1, tbits, layer_bits)
         c_bank, c_tau, c_layer = fields(bbits, tbits, layer_bits)
         m_lane, m_tau, m_kind = fields(lbits, tbits, kind_bits)
         bank_bytes = Const(0b11, 2) << Cat(Const(0, 1), p_bank)
-        m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
-        with m.If(idle_write(Region.WEIGHTS)):
-            m.d.comb += weights.w_en.eq(lane_hot)
+        m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)),
+                     weights.w_data.eq(self.bus.w_data[:wbits * D].replicate(L))]
+        with m.If(weight_write & ~running):
+            m.d.comb += weights.w_en.eq(1 << w_lane)
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
         with m.If(idle_write(Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
