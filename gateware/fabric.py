@@ -37,7 +37,7 @@ from opentsu.fabric import FabricGeometry
 from opentsu.formats import SEED_STEPS, WEIGHT
 from opentsu.sequence import ARG_BITS, OPCODE_SHIFT, Opcode
 
-from .ice40 import SPRAMBanks
+from .ice40 import IncrementOrLoad, SPRAMBanks
 from .pbit import SpinSum, Threshold
 from .ram import RAM
 from .rng import LaneRNG
@@ -281,7 +281,7 @@ class Fabric(wiring.Component):
         req_addr = Signal(range(scratch_depth))
         req_ren = Signal()
         req_wen = Signal(2 * banks)         # one enable per byte
-        req_wdata = Signal(data.ArrayLayout(16, banks))
+        req_wdata = Signal(data.ArrayLayout(16, banks), reset_less=True)   # written only with req_wen
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
@@ -291,10 +291,14 @@ class Fabric(wiring.Component):
         bus_w_data = Signal(16)             # the bus word, for every write but a weight write
         next_wdata = Signal(data.ArrayLayout(16, banks))
         # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
-        # the memory directly, and a dropped count (its upper bits 0) is the flip-flops' synchronous reset.
+        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`), and a dropped
+        # count (its upper bits 0) is the flip-flops' synchronous reset.
         for b in range(banks):
-            counted = Mux(use_bus_data, bus_w_data[:16], scratch.r_data[b] + increment[b])
-            m.d.comb += next_wdata[b].eq(Mux(drop_old, increment[b], counted))
+            adder = IncrementOrLoad(16, self._target)
+            m.submodules[f"count{b}"] = adder
+            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(use_bus_data),
+                         adder.value.eq(bus_w_data[:16]),
+                         next_wdata[b].eq(Mux(drop_old, increment[b], adder.o))]
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
