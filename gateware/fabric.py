@@ -287,8 +287,8 @@ class Fabric(wiring.Component):
         next_wen = Signal(2 * banks)
         use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
-        increment = Signal(banks)
-        bus_w_data = Signal(16)             # the bus word, for every write but a weight write
+        increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
+        bus_w_data = Signal(64)
         next_wdata = Signal(data.ArrayLayout(16, banks))
         # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
         # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`), and a dropped
@@ -431,18 +431,13 @@ class Fabric(wiring.Component):
         moments_empty = Signal(init=1)      # moment_samples == 0
         moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
-        moment_write = Signal()             # phase is 2 or 3 in a moment pass, and the counters count
-        kind_bit = Signal(L)                # each lane's bit of the current kind, a cycle late
+        kind_bit = Signal(L)                # each lane's bit of the current kind
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
-        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), moment_write.eq(0), moment_rotate.eq(0)]
+        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
         # Outside the update stream only a moment pass's last phase rotates the torus while the neighbour
         # spins are read (LOAD and REALIGN end with the frame at rest).
         m.d.comb += frame_ahead.eq(Mux(moment_rotate, frame_next, frame))
-        # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's, each picked the cycle before.
         m.d.comb += drop_old.eq(moment_drop)
-        for b in range(banks):
-            pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
-            m.d.comb += increment[b].eq(moment_write & pair.bit_select(phase[0], 1))
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
         # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
@@ -680,13 +675,17 @@ class Fabric(wiring.Component):
                     half = phase[0]
                     # The lanes' bits (and whether a write drops the old count) are taken the cycle before
                     # the write (phases 1 and 2, when the neighbour stations are current).
+                    # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's (phase is 1 and 2
+                    # here, one ahead of the write).
                     for lane in range(L):
                         with m.Switch(kind):
                             for k, bit in enumerate(moment_bits[lane]):
                                 with m.Case(k):
-                                    m.d.sync += kind_bit[lane].eq(bit)
-                    m.d.sync += [moment_window.eq(~phase[1]), moment_write.eq(moment_window & ~moments_full),
-                                 moment_drop.eq(moment_window & moments_empty)]
+                                    m.d.comb += kind_bit[lane].eq(bit)
+                    for b in range(banks):
+                        pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
+                        m.d.sync += increment[b].eq(moment_window & ~moments_full & Mux(phase[0], pair[0], pair[1]))
+                    m.d.sync += [moment_window.eq(~phase[1]), moment_drop.eq(moment_window & moments_empty)]
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
@@ -752,32 +751,32 @@ class Fabric(wiring.Component):
         # ---------------------------------------------------------------- host bus
         # The bus is registered on the way in, with its region decoded: the decode then starts from
         # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
-        # `r_valid`. Weight writes are the exception: they land in the bus cycle itself, so their wide
-        # word (a DFF-only cell per bit) is never registered; the weight memory's ports come from the
-        # master's flip-flops through a short decode.
+        # `r_valid`. (Weight writes straight from the bus, which would save the wide word's flip-flops,
+        # put the master's flip-flops four LUTs and the chip's width away from the weight EBRs' write
+        # enables: 22 ns.)
         bus_addr = Signal.like(self.bus.addr)
         bus_r_en = Signal()
         is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
         bus_region = self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8]
-        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data[:len(bus_w_data)]),
-                     bus_r_en.eq(self.bus.r_en)]
+        lane_hot = Signal(L)
+        m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data),
+                     bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
         m.d.sync += [flag.eq(bus_region == region) for region, flag in is_region.items()]
         reg_bits = (len(Reg) - 1).bit_length()
         is_register = Signal()              # the offset's high bits are 0: a register write may decode
         m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
         # Writes are decoded per region on the way in too, so a memory's write enable is one LUT away.
-        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region
-                    if region != Region.WEIGHTS}
+        write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region}
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
-        # A write is refused when `running` is high in the cycle it is decided: the bus cycle for weights,
-        # the next cycle for the other memories.
         memory_write = Signal()
-        m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS) & (bus_region != Region.WEIGHTS))
-        weight_write = self.bus.w_en & (bus_region == Region.WEIGHTS)
-        weight_refused = Signal()
-        m.d.sync += weight_refused.eq(weight_write & running)
-        with m.If((memory_write & running) | weight_refused):
+        m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
+        # The adders' load input reaches every carry cell: it is one LUT from a flip-flop.
+        scratch_write = Signal()
+        scratch_regions = (Region.PARAMS, Region.CLAMPS, Region.SEEDS)
+        m.d.sync += scratch_write.eq(self.bus.w_en & reduce(operator.or_, (bus_region == r for r in scratch_regions)))
+        m.d.comb += use_bus_data.eq(scratch_write & ~running)
+        with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
         def idle_write(region):
@@ -792,17 +791,14 @@ class Fabric(wiring.Component):
 
         # WEIGHTS: Cat(lane, τ, layer); PARAMS: Cat(bank, k, τ, layer); CLAMPS: Cat(bank, τ, layer);
         # MOMENTS: Cat(lane, τ, kind) (opentsu.devicemap).
-        w_lane = self.bus.addr[:lbits]
-        w_tau = self.bus.addr[lbits:lbits + tbits]
-        w_layer = self.bus.addr[lbits + tbits:lbits + tbits + layer_bits]
+        _, w_tau, w_layer = fields(lbits, tbits, layer_bits)
         p_bank, p_k, p_tau, p_layer = fields(bbits, 1, tbits, layer_bits)
         c_bank, c_tau, c_layer = fields(bbits, tbits, layer_bits)
         m_lane, m_tau, m_kind = fields(lbits, tbits, kind_bits)
         bank_bytes = Const(0b11, 2) << Cat(Const(0, 1), p_bank)
-        m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)),
-                     weights.w_data.eq(self.bus.w_data[:wbits * D].replicate(L))]
-        with m.If(weight_write & ~running):
-            m.d.comb += weights.w_en.eq(1 << w_lane)
+        m.d.comb += [weights.w_addr.eq(Cat(w_tau, w_layer)), weights.w_data.eq(bus_w_data[:wbits * D].replicate(L))]
+        with m.If(idle_write(Region.WEIGHTS)):
+            m.d.comb += weights.w_en.eq(lane_hot)
         m.d.comb += [seq.w_addr.eq(offset), seq.w_data.eq(bus_w_data[:16])]
         with m.If(idle_write(Region.SEQUENCE)):
             m.d.comb += seq.w_en.eq(1)
@@ -816,11 +812,11 @@ class Fabric(wiring.Component):
             m.d.comb += next_addr.eq(reduce(operator.or_, (Mux(is_region[region], address, 0)
                                                             for region, address in bus_scratch.items())))
         with m.If(idle_write(Region.PARAMS)):
-            m.d.comb += [next_wen.eq(bank_bytes), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(bank_bytes)
         with m.If(idle_write(Region.CLAMPS)):
-            m.d.comb += [next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank))
         with m.If(idle_write(Region.SEEDS)):
-            m.d.comb += [next_wen.eq(0b11), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(0b11)
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
         with m.If(write_to[Region.REGS] & is_register):
             with m.Switch(offset[:reg_bits]):

@@ -88,7 +88,9 @@ class IncrementOrLoad(wiring.Component):
             return m
         m.d.comb += self.o[0].eq(Mux(self.load, self.value[0], self.a[0] ^ self.inc))
         carry = Signal(self._width, name="carry")   # carry[i]: into bit i
-        m.d.comb += carry[1].eq(self.a[0] & self.inc)
+        # The chain starts in a carry cell of its own, so `inc` enters it without a feed-in cell.
+        m.submodules.carry0 = Instance("SB_CARRY", i_I0=self.a[0], i_I1=self.inc, i_CI=Const(0, 1),
+                                       o_CO=carry[1])
         # LUT inputs: I0 value, I1 a, I2 load, I3 carry in; the carry's operands are I1 and I2, so with
         # `load` low it carries a & carry in, and with `load` high its carry is never looked at.
         init = sum(1 << k for k in range(16)
