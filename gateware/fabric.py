@@ -37,7 +37,7 @@ from opentsu.fabric import FabricGeometry
 from opentsu.formats import SEED_STEPS, WEIGHT
 from opentsu.sequence import ARG_BITS, OPCODE_SHIFT, Opcode
 
-from .ice40 import SPRAMBanks
+from .ice40 import IncrementOrLoad, SPRAMBanks
 from .pbit import SpinSum, Threshold
 from .ram import RAM
 from .rng import LaneRNG
@@ -281,18 +281,24 @@ class Fabric(wiring.Component):
         req_addr = Signal(range(scratch_depth))
         req_ren = Signal()
         req_wen = Signal(2 * banks)         # one enable per byte
-        req_wdata = Signal(data.ArrayLayout(16, banks))
+        req_wdata = Signal(data.ArrayLayout(16, banks), reset_less=True)   # written only with req_wen
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
         use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
-        increment = Signal(banks)
+        increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
         next_wdata = Signal(data.ArrayLayout(16, banks))
+        # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
+        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`), and a dropped
+        # count (its upper bits 0) is the flip-flops' synchronous reset.
         for b in range(banks):
-            old = Mux(use_bus_data, bus_w_data[:16], Mux(drop_old, 0, scratch.r_data[b]))
-            m.d.comb += next_wdata[b].eq(old + increment[b])
+            adder = IncrementOrLoad(16, self._target)
+            m.submodules[f"count{b}"] = adder
+            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(use_bus_data),
+                         adder.value.eq(bus_w_data[:16]),
+                         next_wdata[b].eq(Mux(drop_old, increment[b], adder.o))]
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
@@ -412,8 +418,7 @@ class Fabric(wiring.Component):
         sweeps_last = Signal()              # sweeps_left == 1
         thin = Signal(ARG_BITS, init=1)
         thin_one = Signal(init=1)
-        takes_left = Signal(ARG_BITS)
-        takes_more = Signal()               # takes_left > 1
+        takes_more = Signal()               # a take op has more than one take left (op_arg > 1)
         f_tau_last = Signal(init=C == 1)    # f_tau == C - 1
         accumulating = Signal()             # the current take op is ACCUMULATE (else CAPTURE)
         phase = Signal(2)                   # four-cycle patterns of LOAD and moment passes
@@ -426,18 +431,13 @@ class Fabric(wiring.Component):
         moments_empty = Signal(init=1)      # moment_samples == 0
         moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
-        moment_write = Signal()             # phase is 2 or 3 in a moment pass, and the counters count
-        kind_bit = Signal(L)                # each lane's bit of the current kind, a cycle late
+        kind_bit = Signal(L)                # each lane's bit of the current kind
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
-        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), moment_write.eq(0), moment_rotate.eq(0)]
+        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
         # Outside the update stream only a moment pass's last phase rotates the torus while the neighbour
         # spins are read (LOAD and REALIGN end with the frame at rest).
         m.d.comb += frame_ahead.eq(Mux(moment_rotate, frame_next, frame))
-        # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's, each picked the cycle before.
         m.d.comb += drop_old.eq(moment_drop)
-        for b in range(banks):
-            pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
-            m.d.comb += increment[b].eq(moment_write & pair.bit_select(phase[0], 1))
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
         # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
@@ -463,22 +463,23 @@ class Fabric(wiring.Component):
             if (leaving in front_states) != (name in front_states):
                 m.d.sync += f_valid.eq(name in front_states)
 
-        # Wide registers that several states write take their value through one enabled assignment
-        # (`put`): written in state blocks directly, yosys did not find their clock enables and spent a
-        # LUT per bit on holding them. Each state puts one value, so the value is picked by the state
-        # flags alone, and the state's conditions only reach the enable.
-        held = {}
-        for reg in (f_tau, sweeps_left, sweeps_count, takes_left, thin, op_index, moment_samples):
-            enable, value_next = Signal(name=f"{reg.name}_put"), Signal.like(reg, name=f"{reg.name}_next")
-            with m.If(enable):
-                m.d.sync += reg.eq(value_next)
-            held[reg.name] = enable, value_next, {}
+        # Wide registers are not written in the state blocks: the states raise one-bit requests, and each
+        # register has one assignment below them, loading, clearing or counting. Written in state blocks
+        # directly, yosys did not find their clock enables and spent a LUT per bit on holding them; and a
+        # constant load (a counter's clear) becomes the flip-flops' synchronous reset, which is free.
+        run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
+        op_next = Signal()                  # op_index + 1
+        front_restart = Signal()            # f_tau = 0
+        front_advance = Signal()            # f_tau + 1, wrapping; a sweep ends at the wrap
+        sweeps_from_arg = Signal()          # sweeps_left = op_arg
+        sweeps_from_thin = Signal()         # sweeps_left = thin
+        thin_from_arg = Signal()            # thin = op_arg
+        arg_fetch = Signal()                # op_arg = the op word's argument
+        take_done = Signal()                # op_arg - 1: op_arg counts a take op's takes left
+        sample_done = Signal()              # moment_samples + 1
 
-        def put(reg, value):
-            enable, _, values = held[reg.name]
-            value = Value.cast(value)
-            assert repr(values.setdefault(current[-1], value)) == repr(value), "one value per state"
-            m.d.comb += enable.eq(1)
+        def request(flag):
+            m.d.comb += flag.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
         # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
@@ -487,21 +488,15 @@ class Fabric(wiring.Component):
             Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
 
         def restart_front():
-            put(f_tau, 0)
+            request(front_restart)
             m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
-            """Move the stream front to the next τ; at the end of a sweep count it (True: a sweep ends)."""
-            put(f_tau, Mux(f_tau_last, 0, f_tau + 1))
+            """Move the stream front to the next τ; at the end of a sweep count it."""
+            request(front_advance)
             m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
-                put(sweeps_left, sweeps_left - 1)
-                put(sweeps_count, sweeps_count + 1)
                 m.d.sync += sweeps_last.eq(sweeps_left == 2)
-
-        def load_sweeps(value, last):
-            put(sweeps_left, value)
-            m.d.sync += sweeps_last.eq(last)
 
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
@@ -516,7 +511,8 @@ class Fabric(wiring.Component):
                 goto(f"{prefix}FETCH2")
             with state(f"{prefix}FETCH2"):
                 word = seq.r_data
-                m.d.sync += [op_arg.eq(word), arg_zero.eq(word == 0), arg_one.eq(word == 1),
+                request(arg_fetch)
+                m.d.sync += [arg_zero.eq(word == 0), arg_one.eq(word == 1),
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
                 goto(f"{prefix}FETCH3")
             with state(f"{prefix}FETCH3"):
@@ -532,8 +528,11 @@ class Fabric(wiring.Component):
                              op_accumulate.eq(accumulate)]
                 sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
                 with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
-                    load_sweeps(Mux(sweep, op_arg, 1), ~sweep | arg_one)
-                    put(op_index, op_index + 1)
+                    # A RANDOMIZE op runs one sweep whatever its argument: sweeps_last ends it, and
+                    # sweeps_left is loaded again before it is next looked at.
+                    request(sweeps_from_arg)
+                    m.d.sync += sweeps_last.eq(~sweep | arg_one)
+                    request(op_next)
                     m.d.sync += f_randomize.eq(randomizing)
                     on_update()
                 with m.Else():
@@ -560,8 +559,7 @@ class Fabric(wiring.Component):
         with state("IDLE"):
             seed_address(Const(0, 1))
             with m.If(start_pulse):
-                for reg, value in ((op_index, 0), (sweeps_count, 0), (thin, 1), (moment_samples, 0)):
-                    put(reg, value)
+                request(run_start)
                 m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
                              moments_full.eq(0)]
                 restart_front()
@@ -590,20 +588,19 @@ class Fabric(wiring.Component):
             with m.If(stop_request | op_finish):
                 goto("FINISH")
             with m.If(~stop_request & op_sweep):  # SWEEP 0
-                put(op_index, op_index + 1)
+                request(op_next)
                 goto("FETCH0")
             with m.If(~stop_request & op_thin):
-                put(op_index, op_index + 1)
-                put(thin, op_arg)
+                request(op_next)
+                request(thin_from_arg)
                 m.d.sync += thin_one.eq(arg_one)
                 goto("FETCH0")
             with m.If(~stop_request & op_load):
-                put(op_index, op_index + 1)
+                request(op_next)
                 m.d.sync += [layer.eq(op_arg), phase.eq(0), phase_last.eq(0)]
                 goto("LOAD")
             with m.If(~stop_request & op_take):
-                put(op_index, op_index + 1)
-                put(takes_left, op_arg)
+                request(op_next)
                 m.d.sync += [takes_more.eq(arg_many), phase.eq(0), phase_last.eq(0), kind.eq(0),
                              kind_last.eq(kinds <= 1), accumulating.eq(op_accumulate), moment_pass.eq(op_accumulate)]
                 goto("TAKE")
@@ -678,13 +675,17 @@ class Fabric(wiring.Component):
                     half = phase[0]
                     # The lanes' bits (and whether a write drops the old count) are taken the cycle before
                     # the write (phases 1 and 2, when the neighbour stations are current).
+                    # A write at phase 2 adds lane 2b's bit, at phase 3 lane 2b + 1's (phase is 1 and 2
+                    # here, one ahead of the write).
                     for lane in range(L):
                         with m.Switch(kind):
                             for k, bit in enumerate(moment_bits[lane]):
                                 with m.Case(k):
-                                    m.d.sync += kind_bit[lane].eq(bit)
-                    m.d.sync += [moment_window.eq(~phase[1]), moment_write.eq(moment_window & ~moments_full),
-                                 moment_drop.eq(moment_window & moments_empty)]
+                                    m.d.comb += kind_bit[lane].eq(bit)
+                    for b in range(banks):
+                        pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
+                        m.d.sync += increment[b].eq(moment_window & ~moments_full & Mux(phase[0], pair[0], pair[1]))
+                    m.d.sync += [moment_window.eq(~phase[1]), moment_drop.eq(moment_window & moments_empty)]
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
@@ -698,13 +699,13 @@ class Fabric(wiring.Component):
                         m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
                 with m.If(accumulating & ~moments_full):
-                    put(moment_samples, moment_samples + 1)
+                    request(sample_done)
                     m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
                 m.d.sync += moment_pass.eq(0)
                 with m.If(takes_more & ~stop_request):
-                    put(takes_left, takes_left - 1)
-                    m.d.sync += [takes_more.eq(takes_left > 2), f_randomize.eq(0)]
-                    load_sweeps(thin, thin_one)
+                    request(take_done)
+                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0), sweeps_last.eq(thin_one)]
+                    request(sweeps_from_thin)
                     goto("TAKE_SWEEPS")
                 with m.Else():
                     goto("FETCH0")
@@ -720,34 +721,61 @@ class Fabric(wiring.Component):
         with state("STOPPED"):
             m.d.sync += running.eq(0)
             goto("IDLE")
-        for _, value_next, values in held.values():
-            picked = [Mux(in_state[name], value, 0) for name, value in values.items()]
-            m.d.comb += value_next.eq(reduce(operator.or_, picked))
+        sweep_done = front_advance & f_tau_last
+        for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
+            with m.If(run_start):
+                m.d.sync += reg.eq(0)
+            with m.Elif(count):
+                m.d.sync += reg.eq(reg + 1)
+        with m.If(run_start):
+            m.d.sync += thin.eq(1)
+        with m.Elif(thin_from_arg):
+            m.d.sync += thin.eq(op_arg)
+        with m.If(front_restart | sweep_done):
+            m.d.sync += f_tau.eq(0)
+        with m.Elif(front_advance):
+            m.d.sync += f_tau.eq(f_tau + 1)
+        with m.If(sweeps_from_arg):
+            m.d.sync += sweeps_left.eq(op_arg)
+        with m.Elif(sweeps_from_thin):
+            m.d.sync += sweeps_left.eq(thin)
+        with m.Elif(sweep_done):
+            m.d.sync += sweeps_left.eq(sweeps_left - 1)
+        with m.If(arg_fetch):
+            m.d.sync += op_arg.eq(seq.r_data)
+        with m.Elif(take_done):
+            m.d.sync += op_arg.eq(op_arg - 1)
         with m.If(stop_pulse & running):
             m.d.sync += stop_request.eq(1)
 
         # ---------------------------------------------------------------- host bus
         # The bus is registered on the way in, with its region decoded: the decode then starts from
         # flip-flops. Writes land a cycle or two later; read data comes four cycles after `r_en`, with
-        # `r_valid`.
+        # `r_valid`. (Weight writes straight from the bus, which would save the wide word's flip-flops,
+        # put the master's flip-flops four LUTs and the chip's width away from the weight EBRs' write
+        # enables: 22 ns.)
         bus_addr = Signal.like(self.bus.addr)
         bus_r_en = Signal()
         is_region = {region: Signal(name=f"is_{region.name.lower()}") for region in Region}
+        bus_region = self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8]
         lane_hot = Signal(L)
         m.d.sync += [bus_addr.eq(self.bus.addr), bus_w_data.eq(self.bus.w_data),
                      bus_r_en.eq(self.bus.r_en), lane_hot.eq(1 << self.bus.addr[:lbits])]
-        m.d.sync += [flag.eq(self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region)
-                     for region, flag in is_region.items()]
+        m.d.sync += [flag.eq(bus_region == region) for region, flag in is_region.items()]
         reg_bits = (len(Reg) - 1).bit_length()
         is_register = Signal()              # the offset's high bits are 0: a register write may decode
         m.d.sync += is_register.eq(self.bus.addr[reg_bits:REGION_SHIFT] == 0)
         offset = bus_addr[:REGION_SHIFT]
         # Writes are decoded per region on the way in too, so a memory's write enable is one LUT away.
         write_to = {region: Signal(name=f"write_{region.name.lower()}") for region in Region}
-        m.d.sync += [flag.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] == region))
-                     for region, flag in write_to.items()]
+        m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
-        m.d.sync += memory_write.eq(self.bus.w_en & (self.bus.addr[REGION_SHIFT:REGION_SHIFT + 8] != Region.REGS))
+        m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
+        # The adders' load input reaches every carry cell: it is one LUT from a flip-flop.
+        scratch_write = Signal()
+        scratch_regions = (Region.PARAMS, Region.CLAMPS, Region.SEEDS)
+        m.d.sync += scratch_write.eq(self.bus.w_en & reduce(operator.or_, (bus_region == r for r in scratch_regions)))
+        m.d.comb += use_bus_data.eq(scratch_write & ~running)
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
@@ -784,11 +812,11 @@ class Fabric(wiring.Component):
             m.d.comb += next_addr.eq(reduce(operator.or_, (Mux(is_region[region], address, 0)
                                                             for region, address in bus_scratch.items())))
         with m.If(idle_write(Region.PARAMS)):
-            m.d.comb += [next_wen.eq(bank_bytes), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(bank_bytes)
         with m.If(idle_write(Region.CLAMPS)):
-            m.d.comb += [next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank)), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(Const(0b11, 2) << Cat(Const(0, 1), c_bank))
         with m.If(idle_write(Region.SEEDS)):
-            m.d.comb += [next_wen.eq(0b11), use_bus_data.eq(1)]
+            m.d.comb += next_wen.eq(0b11)
         # Control pulses are registered: the bus decode stays off the sequencer's paths.
         with m.If(write_to[Region.REGS] & is_register):
             with m.Switch(offset[:reg_bits]):
