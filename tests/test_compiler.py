@@ -65,7 +65,7 @@ def test_extreme_weights_saturate():
 
 
 def test_open_model_is_embedded_with_clamped_padding():
-    model = grid_model(5, 7, ((0, 1), (2, 1)), seed=6)
+    model = grid_model(5, 7, PRESETS["icebreaker"].jumps, seed=6)
     program = compile_model(model, fabric="icebreaker")
     g = program.geometry
     assert g.rows == 16 and program.n_model == 35

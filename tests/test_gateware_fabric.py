@@ -8,7 +8,7 @@ from opentsu.compiler import FloatLayer, compile_layers, compile_model
 from opentsu.devicemap import Control, Reg, Region, Status, program_writes, sequence_writes
 from opentsu.emulator import Emulator
 from opentsu.exact import moment_errors
-from opentsu.fabric import FabricConfig, FabricGeometry
+from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 from opentsu.formats import PBIT, SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.fabric import Fabric
 from opentsu.gateware.pbit import Threshold
@@ -37,7 +37,7 @@ CASES = {
     "6x6-deg4-4lanes-lat1": (FabricConfig(6, 6, ((0, 1),), lanes=4, latency=1), 6, 6, ((0, 1),), True),
     "8x8-king-4colours": (FabricConfig(8, 8, ((0, 1), (1, 1)), lanes=4, latency=2), 8, 8, ((0, 1), (1, 1)), True),
     "12x8-deg4-4lanes": (FabricConfig(12, 8, ((0, 1),), lanes=4), 12, 8, ((0, 1),), True),
-    "icebreaker": ("icebreaker", 16, 16, ((0, 1), (2, 1)), True),
+    "icebreaker": ("icebreaker", 16, 16, PRESETS["icebreaker"].jumps, True),
 }
 
 
