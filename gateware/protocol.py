@@ -64,6 +64,28 @@ def _crc16_before_sync():
     return crc
 
 
+def _lfsr_step(state, width, taps):
+    feedback = 0
+    for t in taps:
+        feedback ^= state >> t & 1
+    return (state << 1 | feedback) & ((1 << width) - 1)
+
+
+def _lfsr_for(limit):
+    """``(width, taps, final)`` of the narrowest shift register with XOR feedback from two bits ``taps``
+    that, started all ones, first reaches state ``final`` after exactly ``limit`` steps."""
+    for width in range(max(3, limit.bit_length()), 32):
+        for low in range(width - 2, -1, -1):
+            taps = (width - 1, low)
+            state, seen = (1 << width) - 1, set()
+            for _ in range(limit):
+                seen.add(state)
+                state = _lfsr_step(state, width, taps)
+            if state not in seen:
+                return width, taps, state
+    raise ValueError(f"no timeout register for {limit} cycles")
+
+
 def region_table(identity: Identity):
     """``{region: (word bytes, words, writable by WRITE, readable by READ)}`` of a device, from
     ``opentsu.devicemap``. REGS is written only through START, STOP and RESET, never by WRITE."""
@@ -263,12 +285,13 @@ class CommandEngine(wiring.Component):
         with m.If(taken):
             m.d.sync += frame_done.eq(0)
 
-        # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer counts up
-        # from 2**width - limit, so its top bit rises after exactly `limit` steps.
-        limit = TIMEOUT_BIT_TIMES * self._divisor
-        width = limit.bit_length()
-        timer = Signal(width + 1, init=(1 << width) - limit)
-        expired = timer[width]
+        # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer is a shift
+        # register with XOR feedback (no carry chain; its restart is the flip-flops' synchronous set and
+        # reset), and it expires in the state it reaches after exactly `limit` steps.
+        width, taps, final = _lfsr_for(TIMEOUT_BIT_TIMES * self._divisor)
+        timer = Signal(width, init=(1 << width) - 1)
+        expired = Signal()
+        m.d.comb += expired.eq(timer == final)
 
         parser = _OneHot(m, "parser", "HUNT")
         fold = Signal()                         # the byte taken goes into the CRC
@@ -372,7 +395,7 @@ class CommandEngine(wiring.Component):
         with m.If(parser["HUNT"] | parser["SYNC1"] | parser["VERDICT"] | self.rx.valid | expired):
             m.d.sync += timer.eq(timer.init)
         with m.Else():
-            m.d.sync += timer.eq(timer + 1)
+            m.d.sync += timer.eq(Cat(Cat(*(timer[t] for t in taps)).xor(), timer[:-1]))
 
         # ================================================================ execution
         # Datapath registers are loaded through `_load`, from strobes that the state machine raises one
