@@ -412,7 +412,6 @@ class CommandEngine(wiring.Component):
             m.d.comb += [pulses[id(s)][1].eq(1) for s in strobes]
 
         x_seq = Signal(8)
-        x_length = Signal(range(P + 1))
         result = Signal(3)
         command = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
         known = Signal()
@@ -423,24 +422,32 @@ class CommandEngine(wiring.Component):
         readable_sizes = sorted({wbytes for wbytes, _, _, readable in regions.values() if readable})
 
         # Facts about the request, registered from the aligned payload.
-        r_known, r_write, r_read, offset_fits, count_ok, good_length, in_range, resent, bad_argument, busy = (
-            Signal(name=n) for n in ("r_known", "r_write", "r_read", "offset_fits", "count_ok", "good_length",
-                                     "in_range", "resent", "bad_argument", "busy"))
+        offset_fits, count_ok, good_length, in_range, resent, bad_argument, busy = (
+            Signal(name=n) for n in ("offset_fits", "count_ok", "good_length", "in_range", "resent",
+                                     "bad_argument", "busy"))
         region_is = {region: Signal(name=f"region_{region.name.lower()}") for region in regions}
+
+        def table(column):
+            """A column of the region table for the request's region (0 for an unknown region)."""
+            return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
+                                                   for region, info in regions.items()))
+        # The region's properties, as logic from the `region_is` flip-flops.
+        r_known = Cat(*region_is.values()).any()
+        r_write, r_read = table(lambda b, n, w, r: int(w)), table(lambda b, n, w, r: int(r))
+        r_words, wb = table(lambda b, n, w, r: n), table(lambda b, n, w, r: b - 1)   # wb: bytes per word - 1
         # The payload length each command needs, and those a WRITE may have.
         sizes = set(REQUEST_PAYLOAD_BYTES.values()) | {ADDRESS_BYTES + k * wbytes for wbytes, _, _, _ in regions.values()
                                        for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1)}
         length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
         xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
         xshift = Signal()                       # ALIGN: xcount is not 0
-        r_words = Signal(range(max_words + 1))
-        wb = Signal(range(9))                   # bytes per word of the region
         rleft = Signal(2)                       # bytes after the first of the next word read
         n_most = max(MAX_READ_COUNT, self._id.fifo_depth, len(identity), 255)
         n = Signal(range(n_most + 1))           # words (or bytes) left to handle
         n_zero = Signal()                       # n was 0 a cycle ago
         m.d.sync += n_zero.eq(n == 0)
-        n_first = Signal.like(n)                # the words a WRITE carries, or a READ asks for
+        # The words a WRITE carries (a READ asks for `read_count`).
+        n_first = Signal(range((P - ADDRESS_BYTES) // min(b for b, _, w, _ in regions.values() if w) + 1))
         last = Signal(max(obits, 8) + 1)        # one past the last word a READ or WRITE touches
 
         # The bus: every output from a flip-flop.
@@ -583,7 +590,7 @@ class CommandEngine(wiring.Component):
         available = Signal.like(n)
         level = self.samples_level[:level_bits]
         maximum = Cat(payload[D - 2], payload[D - 1])
-        _load(m, n, (n_check, n_first), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
+        _load(m, n, (n_check, Mux(command[Command.WRITE], n_first, read_count)), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
 
         # STATUS steps, one-hot.
         step = Signal(len(status_steps))
@@ -605,7 +612,8 @@ class CommandEngine(wiring.Component):
         with executor.State("IDLE"):
             with m.If(frame_done):
                 m.d.comb += taken.eq(1)
-                m.d.sync += [x_seq.eq(seq), x_length.eq(length), result.eq(early), hold.eq(1),
+                m.d.sync += [flag.eq(length == size) for size, flag in length_is.items()]
+                m.d.sync += [x_seq.eq(seq), result.eq(early), hold.eq(1),
                              known.eq(Cat(*(code == c for c in Command)).any()), xcount.eq(align),
                              xshift.eq(align != 0)]
                 m.d.sync += [flag.eq(code == c) for c, flag in command.items()]
@@ -627,24 +635,15 @@ class CommandEngine(wiring.Component):
 
         with executor.State("CHECK_FIELDS"):
             # Facts about the request, each from a few bits of it.
-            m.d.sync += [n_first.eq(read_count),
-                         resent.eq(last_start & (last_seq == x_seq))]
+            m.d.sync += resent.eq(last_start & (last_seq == x_seq))
             m.d.sync += [flag.eq((addr_region == region) & ~region_high) for region, flag in region_is.items()]
-            m.d.sync += [flag.eq(x_length == size) for size, flag in length_is.items()]
             m.d.sync += [offset_fits.eq(~offset_high),
                          count_ok.eq((read_count != 0) & (read_count <= MAX_READ_COUNT))]
             executor.next = "CHECK_COUNT"
 
         with executor.State("CHECK_COUNT"):
             m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in REQUEST_PAYLOAD_BYTES.items())).any())
-
-            def table(column):
-                return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
-                                                       for region, info in regions.items()))
-            m.d.sync += [r_known.eq(Cat(*region_is.values()).any()),
-                         r_write.eq(table(lambda b, n, w, r: int(w))), r_read.eq(table(lambda b, n, w, r: int(r))),
-                         r_words.eq(table(lambda b, n, w, r: n)), wb.eq(table(lambda b, n, w, r: b - 1)),
-                         rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))]
+            m.d.sync += rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))
             with m.If(command[Command.WRITE]):
                 # Whole words only: the count follows from the length.
                 m.d.sync += n_first.eq(functools.reduce(operator.or_, (
