@@ -526,9 +526,9 @@ class CommandEngine(wiring.Component):
         # The values a response is made of, each in a flip-flop.
         resp_length = Signal(range(1 + max(len(identity), StatusReport.size(), MAX_READ_COUNT * 4,
                                            SAMPLE_INDEX_BYTES + self._id.fifo_depth * swb) + 1))
-        id_byte = Signal(8)                     # identity byte n from the end, a cycle late
+        id_byte = Signal(8)                     # identity byte n from the end
         id_bits = len(identity).bit_length()
-        m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
+        m.d.comb += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
                                                for k, value in enumerate(identity)), 1 << id_bits)
                                      .bit_select(n[:id_bits], 1) for j in range(8))))
 
