@@ -199,7 +199,9 @@ class CommandEngine(wiring.Component):
     and the bits above the word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ
     and STATUS fetch each fabric word just before sending it. After a frame the engine holds back the
     next frame's payload (at its second length byte) for the few tens of cycles it takes to check and
-    execute the frame, far less than the six bytes that come before that payload.
+    execute the frame, far less than the six bytes that come before that payload; after a READ or a
+    STATUS, whose responses the host waits for, until the response is out (the bus address is parsed
+    from the payload as it arrives).
     """
 
     def __init__(self, identity: Identity, divisor: int):
