@@ -72,17 +72,18 @@ def _lfsr_step(state, width, taps):
 
 
 def _lfsr_for(limit):
-    """``(width, taps, final)`` of the narrowest shift register with XOR feedback from two bits ``taps``
-    that, started all ones, first reaches state ``final`` after exactly ``limit`` steps."""
+    """``(width, taps, penultimate)`` of the narrowest shift register with XOR feedback from two bits
+    ``taps`` that, started all ones, first reaches state ``penultimate`` after exactly ``limit - 1`` steps
+    (and a state it has not been in before after ``limit``)."""
     for width in range(max(3, limit.bit_length()), 32):
         for low in range(width - 2, -1, -1):
             taps = (width - 1, low)
             state, seen = (1 << width) - 1, set()
             for _ in range(limit):
                 seen.add(state)
-                state = _lfsr_step(state, width, taps)
+                state, penultimate = _lfsr_step(state, width, taps), state
             if state not in seen:
-                return width, taps, state
+                return width, taps, penultimate
     raise ValueError(f"no timeout register for {limit} cycles")
 
 
@@ -290,10 +291,9 @@ class CommandEngine(wiring.Component):
         # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer is a shift
         # register with XOR feedback (no carry chain; its restart is the flip-flops' synchronous set and
         # reset), and it expires in the state it reaches after exactly `limit` steps.
-        width, taps, final = _lfsr_for(TIMEOUT_BIT_TIMES * self._divisor)
+        width, taps, penultimate = _lfsr_for(TIMEOUT_BIT_TIMES * self._divisor)
         timer = Signal(width, init=(1 << width) - 1)
-        expired = Signal()
-        m.d.comb += expired.eq(timer == final)
+        expired = Signal()                      # a flip-flop, high as the timer takes its last step
 
         parser = _OneHot(m, "parser", "HUNT")
         fold = Signal()                         # the byte taken goes into the CRC
@@ -394,10 +394,12 @@ class CommandEngine(wiring.Component):
         with m.If(expired):
             m.d.sync += [frame_done.eq(1), early.eq(Result.TIMEOUT)]
             parser.next_from_any("HUNT")
+        m.d.sync += expired.eq(0)
         with m.If(parser["HUNT"] | parser["SYNC1"] | parser["VERDICT"] | self.rx.valid | expired):
             m.d.sync += timer.eq(timer.init)
         with m.Else():
-            m.d.sync += timer.eq(Cat(Cat(*(timer[t] for t in taps)).xor(), timer[:-1]))
+            m.d.sync += [timer.eq(Cat(Cat(*(timer[t] for t in taps)).xor(), timer[:-1])),
+                         expired.eq(timer == penultimate)]
 
         # ================================================================ execution
         # Datapath registers are loaded through `_load`, from strobes that the state machine raises one
@@ -528,9 +530,9 @@ class CommandEngine(wiring.Component):
         # The values a response is made of, each in a flip-flop.
         resp_length = Signal(range(1 + max(len(identity), StatusReport.size(), MAX_READ_COUNT * 4,
                                            SAMPLE_INDEX_BYTES + self._id.fifo_depth * swb) + 1))
-        id_byte = Signal(8)                     # identity byte n from the end
+        id_byte = Signal(8)                     # identity byte n from the end, a cycle late
         id_bits = len(identity).bit_length()
-        m.d.comb += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
+        m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
                                                for k, value in enumerate(identity)), 1 << id_bits)
                                      .bit_select(n[:id_bits], 1) for j in range(8))))
 
@@ -592,6 +594,7 @@ class CommandEngine(wiring.Component):
         available = Signal.like(n)
         level = self.samples_level[:level_bits]
         maximum = Cat(payload[D - 2], payload[D - 1])
+        max_high = Signal()                     # SAMPLES: the maximum has bits set above the level's
         _load(m, n, (n_check, Mux(command[Command.WRITE], n_first, read_count)), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
 
         # STATUS steps, one-hot.
@@ -637,7 +640,7 @@ class CommandEngine(wiring.Component):
 
         with executor.State("CHECK_FIELDS"):
             # Facts about the request, each from a few bits of it.
-            m.d.sync += resent.eq(last_start & (last_seq == x_seq))
+            m.d.sync += [resent.eq(last_start & (last_seq == x_seq)), max_high.eq(maximum[level_bits:].any())]
             m.d.sync += [flag.eq((addr_region == region) & ~region_high) for region, flag in region_is.items()]
             m.d.sync += [offset_fits.eq(~offset_high),
                          count_ok.eq((read_count != 0) & (read_count <= MAX_READ_COUNT))]
@@ -724,7 +727,7 @@ class CommandEngine(wiring.Component):
                 m.d.sync += link_error.eq(0)
             with m.If(command[Command.SAMPLES]):
                 # The level needs `level_bits`; a maximum with bits above those is larger.
-                m.d.sync += available.eq(Mux(maximum[level_bits:].any() | (level < maximum[:level_bits]),
+                m.d.sync += available.eq(Mux(max_high | (level < maximum[:level_bits]),
                                              level, maximum[:level_bits]))
                 executor.next = "SAMPLES"
             with m.If(command[Command.IDENTIFY] | command[Command.READ] | command[Command.STATUS] |
