@@ -64,6 +64,29 @@ def _crc16_before_sync():
     return crc
 
 
+def _lfsr_step(state, width, taps):
+    feedback = 0
+    for t in taps:
+        feedback ^= state >> t & 1
+    return (state << 1 | feedback) & ((1 << width) - 1)
+
+
+def _lfsr_for(limit):
+    """``(width, taps, penultimate)`` of the narrowest shift register with XOR feedback from two bits
+    ``taps`` that, started all ones, first reaches state ``penultimate`` after exactly ``limit - 1`` steps
+    (and a state it has not been in before after ``limit``)."""
+    for width in range(max(3, limit.bit_length()), 32):
+        for low in range(width - 2, -1, -1):
+            taps = (width - 1, low)
+            state, seen = (1 << width) - 1, set()
+            for _ in range(limit):
+                seen.add(state)
+                state, penultimate = _lfsr_step(state, width, taps), state
+            if state not in seen:
+                return width, taps, penultimate
+    raise ValueError(f"no timeout register for {limit} cycles")
+
+
 def region_table(identity: Identity):
     """``{region: (word bytes, words, writable by WRITE, readable by READ)}`` of a device, from
     ``opentsu.devicemap``. REGS is written only through START, STOP and RESET, never by WRITE."""
@@ -177,7 +200,9 @@ class CommandEngine(wiring.Component):
     and the bits above the word (for a CONTROL write, above the ``Control`` bits) are unspecified. READ
     and STATUS fetch each fabric word just before sending it. After a frame the engine holds back the
     next frame's payload (at its second length byte) for the few tens of cycles it takes to check and
-    execute the frame, far less than the six bytes that come before that payload.
+    execute the frame, far less than the six bytes that come before that payload; after a READ or a
+    STATUS, whose responses the host waits for, until the response is out (the bus address is parsed
+    from the payload as it arrives).
     """
 
     def __init__(self, identity: Identity, divisor: int):
@@ -238,11 +263,18 @@ class CommandEngine(wiring.Component):
         length = Signal(range(P + 1))
         align = Signal(4)
         too_long, high_length = Signal(), Signal()
-        # The payload enters at the top and shifts down. After the frame the executor shifts it on until
-        # its first byte sits in payload[0] (START: its flags byte in payload[4], the low byte of
-        # ``w_data``); a WRITE then shifts each word in turn down to payload[4].
-        payload = Signal(data.ArrayLayout(8, P))
+        # The payload's last D bytes enter at the top and shift down; the address at the front of a WRITE's
+        # or READ's payload goes straight into the bus address as it arrives (`pos` says which address byte
+        # comes). After the checks the executor shifts the payload on until a WRITE's first word (START: its
+        # flags byte) sits in payload[0], the low byte of ``w_data``; a WRITE then shifts each word in turn
+        # down to payload[0]. A READ's count and SAMPLES's maximum are the last bytes, at the top.
+        D = P - ADDRESS_BYTES
+        payload = Signal(data.ArrayLayout(8, D))
         remaining = Signal(range(P + 1))        # payload bytes still to come
+        pos = Signal(ADDRESS_BYTES)             # one-hot: the payload byte coming is address byte k
+        addr_offset = Signal(max(obits, (len(Reg) - 1).bit_length(), 1))
+        addr_region = Signal(rbits)
+        region_high, offset_high = Signal(), Signal()   # the address has bits set above those kept
         shift = Signal()
         with m.If(shift):
             m.d.sync += payload.eq(Cat(payload.as_value()[8:], byte))
@@ -256,12 +288,12 @@ class CommandEngine(wiring.Component):
         with m.If(taken):
             m.d.sync += frame_done.eq(0)
 
-        # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer counts up
-        # from 2**width - limit, so its top bit rises after exactly `limit` steps.
-        limit = TIMEOUT_BIT_TIMES * self._divisor
-        width = limit.bit_length()
-        timer = Signal(width + 1, init=(1 << width) - limit)
-        expired = timer[width]
+        # Inter-byte timeout: `limit` cycles inside a frame with no byte waiting. The timer is a shift
+        # register with XOR feedback (no carry chain; its restart is the flip-flops' synchronous set and
+        # reset), and it expires in the state it reaches after exactly `limit` steps.
+        width, taps, penultimate = _lfsr_for(TIMEOUT_BIT_TIMES * self._divisor)
+        timer = Signal(width, init=(1 << width) - 1)
+        expired = Signal()                      # a flip-flop, high as the timer takes its last step
 
         parser = _OneHot(m, "parser", "HUNT")
         fold = Signal()                         # the byte taken goes into the CRC
@@ -307,15 +339,15 @@ class CommandEngine(wiring.Component):
 
         def len0():
             # `length` keeps only the bits a valid length needs; `too_long` remembers the rest.
-            # `align` counts the shifts that will bring the payload's first byte to payload[0] (for
-            # START, its flags byte to payload[4], the low byte of `w_data`).
+            # `align` counts the shifts that will bring a WRITE's first word (START: its flags byte) to
+            # payload[0].
             m.d.sync += [length.eq(byte), too_long.eq(byte > P),
-                         align.eq(Mux(start_code, P - ADDRESS_BYTES, P) - byte[:len(length)])]
+                         align.eq(Mux(start_code, D, P) - byte[:len(length)])]
             parser.next = "LEN1"
         frame_state("LEN0", len0)
 
         def len1():
-            m.d.sync += [remaining.eq(length), high_length.eq(byte != 0)]
+            m.d.sync += [remaining.eq(length), high_length.eq(byte != 0), pos.eq(1)]
             parser.next = "LENGTH"
         frame_state("LEN1", len1, valid=self.rx.valid & ~hold)
         with parser.State("LENGTH"):   # the length is whole: judge it (no byte is taken here)
@@ -330,7 +362,17 @@ class CommandEngine(wiring.Component):
 
         def payload_byte():
             m.d.comb += shift.eq(1)
-            m.d.sync += remaining.eq(remaining - 1)
+            m.d.sync += [remaining.eq(remaining - 1), pos.eq(pos << 1)]
+            with m.If(pos[0]):
+                m.d.sync += [addr_region.eq(byte), region_high.eq(byte[rbits:] != 0), offset_high.eq(0)]
+            for k in range(1, ADDRESS_BYTES):
+                lo, hi = 8 * (k - 1), min(8 * k, len(addr_offset))
+                above = byte[max(0, obits - lo):]
+                with m.If(pos[k]):
+                    if lo < hi:
+                        m.d.sync += addr_offset[lo:hi].eq(byte)
+                    if len(above):
+                        m.d.sync += offset_high.eq(offset_high | above.any())
             with m.If(remaining == 1):
                 parser.next = "CRC0"
         frame_state("PAYLOAD", payload_byte)
@@ -352,10 +394,12 @@ class CommandEngine(wiring.Component):
         with m.If(expired):
             m.d.sync += [frame_done.eq(1), early.eq(Result.TIMEOUT)]
             parser.next_from_any("HUNT")
+        m.d.sync += expired.eq(0)
         with m.If(parser["HUNT"] | parser["SYNC1"] | parser["VERDICT"] | self.rx.valid | expired):
             m.d.sync += timer.eq(timer.init)
         with m.Else():
-            m.d.sync += timer.eq(timer + 1)
+            m.d.sync += [timer.eq(Cat(Cat(*(timer[t] for t in taps)).xor(), timer[:-1])),
+                         expired.eq(timer == penultimate)]
 
         # ================================================================ execution
         # Datapath registers are loaded through `_load`, from strobes that the state machine raises one
@@ -372,58 +416,61 @@ class CommandEngine(wiring.Component):
             m.d.comb += [pulses[id(s)][1].eq(1) for s in strobes]
 
         x_seq = Signal(8)
-        x_length = Signal(range(P + 1))
         result = Signal(3)
         command = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
         known = Signal()
         ok = Signal()                           # `result` is OK
         m.d.comb += ok.eq(result == Result.OK)
 
-        region_byte = payload[0]
-        offset = Cat(payload[1], payload[2], payload[3])
-        read_count = payload[ADDRESS_BYTES]
+        read_count = payload[D - 1]
         readable_sizes = sorted({wbytes for wbytes, _, _, readable in regions.values() if readable})
 
         # Facts about the request, registered from the aligned payload.
-        r_known, r_write, r_read, offset_fits, count_ok, good_length, in_range, resent, bad_argument, busy = (
-            Signal(name=n) for n in ("r_known", "r_write", "r_read", "offset_fits", "count_ok", "good_length",
-                                     "in_range", "resent", "bad_argument", "busy"))
+        offset_fits, count_ok, good_length, in_range, resent, bad_argument, busy = (
+            Signal(name=n) for n in ("offset_fits", "count_ok", "good_length", "in_range", "resent",
+                                     "bad_argument", "busy"))
         region_is = {region: Signal(name=f"region_{region.name.lower()}") for region in regions}
+
+        def table(column):
+            """A column of the region table for the request's region (0 for an unknown region)."""
+            return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
+                                                   for region, info in regions.items()))
+        # The region's properties, as logic from the `region_is` flip-flops.
+        r_known = Cat(*region_is.values()).any()
+        r_write, r_read = table(lambda b, n, w, r: int(w)), table(lambda b, n, w, r: int(r))
+        r_words, wb = table(lambda b, n, w, r: n), table(lambda b, n, w, r: b - 1)   # wb: bytes per word - 1
         # The payload length each command needs, and those a WRITE may have.
         sizes = set(REQUEST_PAYLOAD_BYTES.values()) | {ADDRESS_BYTES + k * wbytes for wbytes, _, _, _ in regions.values()
                                        for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1)}
         length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
         xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
         xshift = Signal()                       # ALIGN: xcount is not 0
-        r_words = Signal(range(max_words + 1))
-        wb = Signal(range(9))                   # bytes per word of the region
         rleft = Signal(2)                       # bytes after the first of the next word read
         n_most = max(MAX_READ_COUNT, self._id.fifo_depth, len(identity), 255)
         n = Signal(range(n_most + 1))           # words (or bytes) left to handle
         n_zero = Signal()                       # n was 0 a cycle ago
         m.d.sync += n_zero.eq(n == 0)
-        n_first = Signal.like(n)                # the words a WRITE carries, or a READ asks for
+        # The words a WRITE carries (a READ asks for `read_count`).
+        n_first = Signal(range((P - ADDRESS_BYTES) // min(b for b, _, w, _ in regions.values() if w) + 1))
         last = Signal(max(obits, 8) + 1)        # one past the last word a READ or WRITE touches
 
         # The bus: every output from a flip-flop.
-        addr_offset = Signal(max(obits, (len(Reg) - 1).bit_length(), 1))
-        addr_region = Signal(rbits)
         m.d.comb += [self.bus.addr.eq(Cat(addr_offset, Const(0, REGION_SHIFT - len(addr_offset)), addr_region)),
-                     self.bus.w_data.eq(Cat(*payload[ADDRESS_BYTES:P]))]
+                     self.bus.w_data.eq(payload)]
         w_en, r_en, r_go = Signal(), Signal(), Signal()
         m.d.comb += [self.bus.w_en.eq(w_en), self.bus.r_en.eq(r_en)]
         m.d.sync += [w_en.eq(0), r_go.eq(0), r_en.eq(r_go)]     # a read leaves two cycles after `r_go`
-        a_check, a_inc = strobe("a_check"), strobe("a_inc")
+        a_inc = strobe("a_inc")
         status_regs = {"fabric_status": Reg.STATUS, "op_index": Reg.OP_INDEX, "sweeps": Reg.SWEEPS}
         a_reg = {reg: strobe(f"a_{reg.name.lower()}") for reg in sorted({Reg.FLAGS, Reg.CONTROL,
                                                                          *status_regs.values()})}
-        _load(m, addr_offset, (a_check, offset), (a_inc, addr_offset + 1),
+        _load(m, addr_offset, (a_inc, addr_offset + 1),
               *((s, int(reg)) for reg, s in a_reg.items()))
-        _load(m, addr_region, (a_check, region_byte), (Cat(*a_reg.values()).any(), Region.REGS))
-        # A CONTROL write forces the Control bits of payload[4]; the fabric ignores the others.
+        _load(m, addr_region, (Cat(*a_reg.values()).any(), Region.REGS))
+        # A CONTROL write forces the Control bits of payload[0]; the fabric ignores the others.
         ctl_bits = max(Control).bit_length()
         ctl = {value: strobe(f"ctl_{value.name.lower()}") for value in (Control.START, Control.STOP)}
-        _load(m, payload[ADDRESS_BYTES][:ctl_bits], *((s, int(value)) for value, s in ctl.items()))
+        _load(m, payload[0][:ctl_bits], *((s, int(value)) for value, s in ctl.items()))
 
         # The last request executed: a START that repeats its sequence number is the host resending a
         # request whose response it lost, and must not start the fabric a second time.
@@ -546,8 +593,9 @@ class CommandEngine(wiring.Component):
         n_check, n_dec, n_id, n_avail = strobe("n_check"), strobe("n_dec"), strobe("n_id"), strobe("n_avail")
         available = Signal.like(n)
         level = self.samples_level[:level_bits]
-        maximum = Cat(payload[0], payload[1])
-        _load(m, n, (n_check, n_first), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
+        maximum = Cat(payload[D - 2], payload[D - 1])
+        max_high = Signal()                     # SAMPLES: the maximum has bits set above the level's
+        _load(m, n, (n_check, Mux(command[Command.WRITE], n_first, read_count)), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
 
         # STATUS steps, one-hot.
         step = Signal(len(status_steps))
@@ -569,14 +617,15 @@ class CommandEngine(wiring.Component):
         with executor.State("IDLE"):
             with m.If(frame_done):
                 m.d.comb += taken.eq(1)
-                m.d.sync += [x_seq.eq(seq), x_length.eq(length), result.eq(early), hold.eq(1),
+                m.d.sync += [flag.eq(length == size) for size, flag in length_is.items()]
+                m.d.sync += [x_seq.eq(seq), result.eq(early), hold.eq(1),
                              known.eq(Cat(*(code == c for c in Command)).any()), xcount.eq(align),
                              xshift.eq(align != 0)]
                 m.d.sync += [flag.eq(code == c) for c, flag in command.items()]
                 with m.If(early != Result.OK):
                     executor.next = "REJECT"
                 with m.Else():
-                    executor.next = "ALIGN"
+                    executor.next = "CHECK_FIELDS"
 
         with executor.State("REJECT"):
             with m.Switch(result):
@@ -589,34 +638,17 @@ class CommandEngine(wiring.Component):
             m.d.sync += link_error.eq(1)
             executor.next = "RESPOND"
 
-        with executor.State("ALIGN"):
-            with m.If(xshift):
-                m.d.comb += shift.eq(1)
-                m.d.sync += [xcount.eq(xcount - 1), xshift.eq(xcount != 1)]
-            with m.Else():
-                executor.next = "CHECK_FIELDS"
-
         with executor.State("CHECK_FIELDS"):
-            # Facts about the aligned payload, each from a few bytes of it.
-            m.d.sync += [n_first.eq(read_count),
-                         resent.eq(last_start & (last_seq == x_seq))]
-            m.d.sync += [flag.eq(region_byte == region) for region, flag in region_is.items()]
-            m.d.sync += [flag.eq(x_length == size) for size, flag in length_is.items()]
-            m.d.sync += [offset_fits.eq(offset[obits:] == 0),
+            # Facts about the request, each from a few bits of it.
+            m.d.sync += [resent.eq(last_start & (last_seq == x_seq)), max_high.eq(maximum[level_bits:].any())]
+            m.d.sync += [flag.eq((addr_region == region) & ~region_high) for region, flag in region_is.items()]
+            m.d.sync += [offset_fits.eq(~offset_high),
                          count_ok.eq((read_count != 0) & (read_count <= MAX_READ_COUNT))]
-            pulse(a_check)
             executor.next = "CHECK_COUNT"
 
         with executor.State("CHECK_COUNT"):
             m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in REQUEST_PAYLOAD_BYTES.items())).any())
-
-            def table(column):
-                return functools.reduce(operator.or_, (Mux(region_is[region], column(*info), 0)
-                                                       for region, info in regions.items()))
-            m.d.sync += [r_known.eq(Cat(*region_is.values()).any()),
-                         r_write.eq(table(lambda b, n, w, r: int(w))), r_read.eq(table(lambda b, n, w, r: int(r))),
-                         r_words.eq(table(lambda b, n, w, r: n)), wb.eq(table(lambda b, n, w, r: b - 1)),
-                         rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))]
+            m.d.sync += rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))
             with m.If(command[Command.WRITE]):
                 # Whole words only: the count follows from the length.
                 m.d.sync += n_first.eq(functools.reduce(operator.or_, (
@@ -667,6 +699,13 @@ class CommandEngine(wiring.Component):
                 m.d.sync += result.eq(Result.BUSY)
                 executor.next = "REJECT"
             with m.Else():
+                executor.next = "ALIGN"
+
+        with executor.State("ALIGN"):
+            with m.If(xshift & (command[Command.WRITE] | command[Command.START])):
+                m.d.comb += shift.eq(1)
+                m.d.sync += [xcount.eq(xcount - 1), xshift.eq(xcount != 1)]
+            with m.Else():
                 executor.next = "EXECUTE"
 
         with executor.State("EXECUTE"):
@@ -678,7 +717,7 @@ class CommandEngine(wiring.Component):
             with m.If(command[Command.WRITE]):
                 executor.next = "WRITE"
             with m.If(command[Command.START] & ~resent):
-                pulse(a_reg[Reg.FLAGS], clear_sent)   # the flags byte sits in payload[4]
+                pulse(a_reg[Reg.FLAGS], clear_sent)   # the flags byte sits in payload[0]
                 executor.next = "START"
             with m.If(command[Command.STOP] | command[Command.RESET]):
                 pulse(a_reg[Reg.CONTROL], ctl[Control.STOP])
@@ -688,7 +727,7 @@ class CommandEngine(wiring.Component):
                 m.d.sync += link_error.eq(0)
             with m.If(command[Command.SAMPLES]):
                 # The level needs `level_bits`; a maximum with bits above those is larger.
-                m.d.sync += available.eq(Mux(maximum[level_bits:].any() | (level < maximum[:level_bits]),
+                m.d.sync += available.eq(Mux(max_high | (level < maximum[:level_bits]),
                                              level, maximum[:level_bits]))
                 executor.next = "SAMPLES"
             with m.If(command[Command.IDENTIFY] | command[Command.READ] | command[Command.STATUS] |
@@ -696,7 +735,7 @@ class CommandEngine(wiring.Component):
                 executor.next = "RESPOND"
 
         with executor.State("WRITE"):
-            # One bus write per word: the word sits in payload[4:], then the next shifts down.
+            # One bus write per word: the word sits in payload[0:], then the next shifts down.
             pulse(n_dec, a_inc)     # the address moves on as the write leaves
             m.d.sync += [w_en.eq(1), xcount.eq(wb), more.eq(n != 1)]
             executor.next = "WRITE_SHIFT"
@@ -734,7 +773,9 @@ class CommandEngine(wiring.Component):
                                        ~Cat(*(c for c, _ in lengths)).any(), 1))
 
         with executor.State("RESPOND"):
-            m.d.sync += hold.eq(0)
+            # READ and STATUS keep the bus address until their response is out.
+            with m.If(~ok | ~(command[Command.READ] | command[Command.STATUS])):
+                m.d.sync += hold.eq(0)
             with m.If(tx_free):
                 send("ld_head")
                 m.d.sync += [tx_crc.eq(_crc16_before_sync()), crc_on.eq(1)]
@@ -801,7 +842,7 @@ class CommandEngine(wiring.Component):
         with executor.State("CRC"):
             with m.If(tx_free):
                 send("ld_crc")
-                m.d.sync += crc_on.eq(0)
+                m.d.sync += [crc_on.eq(0), hold.eq(0)]
                 with m.If(ok & command[Command.STATUS]):
                     pulse(clear_counters)
                     m.d.sync += link_error.eq(0)
