@@ -75,9 +75,9 @@ class Threshold(wiring.Component):
         lo_table, bound_tables = p.tables
 
         # Stage 1: split the word; the octave is the leading-zero count of the octave field.
-        fold1 = Signal()
-        octave1 = Signal(range(p.octaves))
-        mant1 = Signal(p.mant_bits)
+        fold1 = Signal(reset_less=True)
+        octave1 = Signal(range(p.octaves), reset_less=True)
+        mant1 = Signal(p.mant_bits, reset_less=True)
         field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
         # A one below the field makes the all-zero field count p.exp_bits; the count is a balanced tree
@@ -92,8 +92,8 @@ class Threshold(wiring.Component):
         # number of set comparison bits: in the upper half Z = 1 - Z_low = (1 - LO) + count; in the
         # lower half Z = LO - count = (LO - boundaries) + count(inverted bits), so the bits are
         # inverted there and stage 3 only counts.
-        base2 = Signal(signed(9))
-        below2 = Signal(p.boundaries)
+        base2 = Signal(signed(9), reset_less=True)
+        below2 = Signal(p.boundaries, reset_less=True)
         base = Signal(signed(9))
         with m.Switch(Cat(octave1, fold1)):
             for fold in (0, 1):
@@ -122,7 +122,7 @@ class Threshold(wiring.Component):
             for code in range(1 << p.boundaries):
                 with m.Case(code):
                     m.d.comb += count.eq(bin(code).count("1"))
-        z3 = Signal(signed(9))
+        z3 = Signal(signed(9), reset_less=True)
         with m.If(self.en):
             m.d.sync += z3.eq(base2 + count)
 
@@ -184,26 +184,46 @@ class SpinSum(wiring.Component):
         m = Module()
         D, P, wbits = self._degree, self._latency, WEIGHT.bits
         sum_w = field_bits(D) + 1
-        values, negatives = [], []
-        # With the borrow, `zero` resets stage A's registers (their flip-flops' own synchronous reset)
-        # rather than gating every term: a term bit is then one LUT of the weight bit and the spin.
-        late_zero = self.uses_borrow
-        for d in range(D):
-            neg = Signal(name=f"neg{d}")
-            m.d.comb += neg.eq(~self.spins[d] & (1 if late_zero else ~self.zero))
-            term = Signal(signed(wbits), name=f"term{d}")
-            weight = self.weights[d * wbits:(d + 1) * wbits].as_signed()
-            flipped = weight ^ neg.replicate(wbits).as_signed()
-            m.d.comb += term.eq(flipped if late_zero else Mux(self.zero, 0, flipped))
-            values.append(term)
-            negatives.append(neg)
+        weight = [self.weights[d * wbits:(d + 1) * wbits].as_signed() for d in range(D)]
+        if self.uses_borrow:
+            # Tree level 1 adds the terms in pairs, each as s_a·(w_a ± w_b): with p = s_a·s_b,
+            # s_a·w_a + s_b·w_b = s_a·(w_a + p·w_b), so only w_b is flipped (p as carry-in for -w_b) and
+            # the sign s_a is applied to the sum, as an XOR its adder LUTs absorb, plus a one left pending
+            # (its negative spin). That halves the XOR LUTs in front of the tree. `zero` resets stage A's
+            # registers (their flip-flops' own synchronous reset) rather than gating every term.
+            values, negatives = [], []
+            for d in range(0, D - 1, 2):
+                neg = Signal(name=f"neg{d}")
+                flip = Signal(name=f"flip{d}")
+                m.d.comb += [neg.eq(~self.spins[d]), flip.eq(self.spins[d] ^ self.spins[d + 1])]
+                inner = Signal(signed(wbits + 1), name=f"inner{d}")
+                m.d.comb += inner.eq(weight[d] + (weight[d + 1] ^ flip.replicate(wbits).as_signed()) + flip)
+                pair = Signal(signed(wbits + 1), name=f"pair{d}")
+                m.d.comb += pair.eq(inner ^ neg.replicate(wbits + 1).as_signed())
+                values.append(pair)
+                negatives.append(neg)
+            if D % 2:
+                neg = Signal(name=f"neg{D - 1}")
+                term = Signal(signed(wbits), name=f"term{D - 1}")
+                m.d.comb += [neg.eq(~self.spins[D - 1]), term.eq(weight[D - 1] ^ neg.replicate(wbits).as_signed())]
+                values.append(term)
+                negatives.append(neg)
+        else:
+            values, negatives = [], []
+            for d in range(D):
+                neg = Signal(name=f"neg{d}")
+                m.d.comb += neg.eq(~self.spins[d] & ~self.zero)
+                term = Signal(signed(wbits), name=f"term{d}")
+                m.d.comb += term.eq(Mux(self.zero, 0, weight[d] ^ neg.replicate(wbits).as_signed()))
+                values.append(term)
+                negatives.append(neg)
         levels = max(1, (D - 1).bit_length())
         cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
         if self.uses_borrow:
             # Negative spins ride as carry-ins: one per adder, the last one out on `borrow`.
             m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
-            level = 0
+            level = 1 if D >= 2 else 0      # the pairs are level 1
             last_pair = None    # (a, b, carry) when the last stage's only addition is a + b + carry
             for stage in range(P):
                 last_level = cuts[stage] if stage < P - 1 else levels
@@ -222,8 +242,8 @@ class SpinSum(wiring.Component):
                     level += 1
                 if stage == P - 1:
                     break
-                regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
-                held = [Signal(name=f"neg{stage}_{k}") for k in range(len(pending))]
+                regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}", reset_less=True) for k in range(len(values))]
+                held = [Signal(name=f"neg{stage}_{k}", reset_less=True) for k in range(len(pending))]
                 zero = self.zero if stage == 0 else Const(0, 1)
                 with m.If(self.en):
                     m.d.sync += [reg.eq(Mux(zero, 0, v)) for reg, v in zip(regs, values)]
@@ -266,14 +286,14 @@ class SpinSum(wiring.Component):
                 threshold = self.theta - count
             if stage == P - 1:
                 break
-            regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
-            held = Signal(range(D + 1), name=f"negs{stage}")
+            regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}", reset_less=True) for k in range(len(values))]
+            held = Signal(range(D + 1), name=f"negs{stage}", reset_less=True)
             with m.If(self.en):
                 m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
                 m.d.sync += held.eq(count)
             values, count = regs, held
             if threshold is not None:
-                thr = Signal(signed(theta_bits(D) + 1), name=f"thr{stage}")
+                thr = Signal(signed(theta_bits(D) + 1), name=f"thr{stage}", reset_less=True)
                 with m.If(self.en):
                     m.d.sync += thr.eq(threshold)
                 threshold = thr

@@ -1,0 +1,53 @@
+"""The per-lane p-bit datapath (``gateware.pbit``) against plain integer arithmetic."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from opentsu.formats import WEIGHT
+from opentsu.gateware.pbit import SpinSum, theta_bits
+
+
+@pytest.mark.parametrize("degree,latency", [(8, 3), (8, 2), (8, 4), (4, 3), (5, 3), (1, 3), (2, 3), (7, 2)])
+def test_spin_sum_compares_the_signed_sum_with_theta(degree, latency):
+    """(Latency 1 has no clock of its own; the fabric tests cover it.)"""
+    dut = SpinSum(degree, latency)
+    rng = np.random.default_rng(degree * 10 + latency)
+    n = 600
+    # The full code range, -64 included, and runs of all-negative and all-positive spins.
+    weights = rng.integers(-64, 64, size=(n, degree))
+    weights[:8] = -64
+    weights[8:16] = 63
+    spins = rng.integers(0, 2, size=(n, degree))
+    spins[:4] = 0
+    spins[8:12] = 0
+    spins[4:8] = 1
+    zero = rng.random(n) < 0.1
+    sums = np.where(zero, 0, ((2 * spins - 1) * weights).sum(axis=1))
+    # Thresholds near the sum (both sides of it) and anywhere in the θ range.
+    limit = 1 << (theta_bits(degree) - 1)
+    near = sums + rng.integers(-3, 4, size=n)
+    anywhere = rng.integers(-limit + 2, limit - 1, size=n)
+    targets = np.clip(np.where(rng.random(n) < 0.7, near, anywhere), -limit + 1, limit - 2)
+    P, at = latency, dut.theta_stage
+
+    async def bench(ctx):
+        borrows = {}
+        for k in range(n + P):
+            if k < n:
+                ctx.set(dut.spins, int(sum(int(b) << d for d, b in enumerate(spins[k]))))
+                ctx.set(dut.weights, int(sum((int(w) & 0x7F) << (WEIGHT.bits * d) for d, w in enumerate(weights[k]))))
+                ctx.set(dut.zero, int(zero[k]))
+                borrows[k] = ctx.get(dut.borrow) if dut.uses_borrow else 0
+            j = k - at
+            if 0 <= j < n:
+                ctx.set(dut.theta, int(targets[j]) - borrows[j])
+            j = k - (P - 1)
+            if 0 <= j < n:
+                assert ctx.get(dut.spin) == int(sums[j] >= targets[j]), (j, sums[j], targets[j])
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
