@@ -35,6 +35,18 @@ def _leading_zeros(m, bits):
     return any_, count
 
 
+def _less_than(value, const):
+    """``value < const`` for an unsigned value and a constant, as plain logic (no carry chain): from the
+    least significant bit up, ``lt = ~v_i | lt`` where the constant has a one and ``~v_i & lt`` where it
+    has a zero."""
+    if const >= 1 << len(value):
+        return Const(1, 1)
+    lt = Const(0, 1)
+    for i in range(len(value)):
+        lt = (~value[i] | lt) if const >> i & 1 else (~value[i] & lt)
+    return lt
+
+
 class Threshold(wiring.Component):
     """Pipelined ``θ = Z(word) - bias`` for one lane, elaborated from ``opentsu.formats.PBIT``.
 
@@ -87,24 +99,30 @@ class Threshold(wiring.Component):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
-        # Stage 2: per octave, the folded base and the mantissa comparisons. A bound that is nonzero in
-        # a single octave becomes a constant comparison gated by that octave. Z is the base plus the
-        # number of set comparison bits: in the upper half Z = 1 - Z_low = (1 - LO) + count; in the
-        # lower half Z = LO - count = (LO - boundaries) + count(inverted bits), so the bits are
-        # inverted there and stage 3 only counts.
-        base2 = Signal(signed(9), reset_less=True)
+        # Stage 2: the mantissa comparisons c_k = [m < B[k][e]] and an octave table. A bound that is
+        # nonzero in a single octave becomes a constant comparison (plain logic, no carry chain) gated
+        # by that octave.
+        #
+        # θ = Z - b - borrow is computed as ~(~Z + b + borrow), so the bias enters the last adder as it
+        # is (no inverters in front of it), and ~Z = r ^ fold with r = (-LO[e] - 1) + count + 2·fold:
+        # with nZ = count - LO[e] = -Z_low, the lower half has ~Z = nZ - 1 = r and the upper half
+        # ~Z = ~(1 - Z_low) = ~(nZ + 1) = ~r. The XOR with the fold is absorbed by the adder's LUTs.
+        offsets = [-lo_table[e] - 1 for e in range(p.octaves)]
+        r_shape = Shape.cast(range(min(offsets), max(offsets) + p.boundaries + 3))
+        r_shape = signed(r_shape.width + (not r_shape.signed))
+        fold2 = Signal(reset_less=True)
+        offset2 = Signal(r_shape, reset_less=True)
         below2 = Signal(p.boundaries, reset_less=True)
-        base = Signal(signed(9))
-        with m.Switch(Cat(octave1, fold1)):
-            for fold in (0, 1):
-                for e in range(p.octaves):
-                    with m.Case(e | fold << len(octave1)):
-                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e] - p.boundaries)
+        offset = Signal(r_shape)
+        with m.Switch(octave1):
+            for e in range(p.octaves):
+                with m.Case(e):
+                    m.d.comb += offset.eq(offsets[e])
         below = []
         for k, table in enumerate(bound_tables):
             used = [e for e in range(p.octaves) if table[e]]
             if len(used) <= 1:
-                below.append(Const(0, 1) if not used else (octave1 == used[0]) & (mant1 < table[used[0]]))
+                below.append(Const(0, 1) if not used else (octave1 == used[0]) & _less_than(mant1, table[used[0]]))
             else:
                 bound = Signal(p.mant_bits, name=f"bound{k}")
                 with m.Switch(octave1):
@@ -113,23 +131,24 @@ class Threshold(wiring.Component):
                             m.d.comb += bound.eq(table[e])
                 below.append(mant1 < bound)
         with m.If(self.en):
-            m.d.sync += [base2.eq(base), below2.eq(Cat(*below) ^ (~fold1).replicate(p.boundaries))]
+            m.d.sync += [fold2.eq(fold1), offset2.eq(offset), below2.eq(Cat(*below))]
 
-        # Stage 3: Z = base + count, the count a table of the comparison bits (one LUT level), so the
-        # stage holds one carry chain.
-        count = Signal(range(p.boundaries + 1))
-        with m.Switch(below2):
-            for code in range(1 << p.boundaries):
+        # Stage 3: ~Z = (offset + count + 2·fold) ^ fold; the bounds are non-increasing in k, so the
+        # comparison bits are a thermometer code and count + 2·fold is a small table (one LUT level).
+        count = Signal(range(p.boundaries + 3))
+        with m.Switch(Cat(below2, fold2)):
+            for code in range(1 << (p.boundaries + 1)):
                 with m.Case(code):
-                    m.d.comb += count.eq(bin(code).count("1"))
-        z3 = Signal(signed(9), reset_less=True)
+                    m.d.comb += count.eq(bin(code % (1 << p.boundaries)).count("1") + 2 * (code >> p.boundaries))
+        not_z = Signal(r_shape)
+        m.d.comb += not_z.eq(offset2 + count)
+        not_z3 = Signal(r_shape, reset_less=True)
         with m.If(self.en):
-            m.d.sync += z3.eq(base2 + count)
+            m.d.sync += not_z3.eq(not_z ^ fold2.replicate(len(not_z)).as_signed())
 
-        # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
-        bias = self.bias.as_signed()
+        # Stage 4: θ = ~(~Z + b + borrow), one carry chain with the borrow as its carry-in.
         with m.If(self.en):
-            m.d.sync += self.theta.eq(z3 + ~bias + ~self.borrow)
+            m.d.sync += self.theta.eq(~(not_z3 + self.bias.as_signed() + self.borrow))
         return m
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from opentsu.formats import WEIGHT
-from opentsu.gateware.pbit import SpinSum, theta_bits
+from opentsu.formats import PBIT, WEIGHT
+from opentsu.gateware.pbit import SpinSum, Threshold, theta_bits
 
 
 @pytest.mark.parametrize("degree,latency", [(8, 3), (8, 2), (8, 4), (4, 3), (5, 3), (1, 3), (2, 3), (7, 2)])
@@ -45,6 +45,44 @@ def test_spin_sum_compares_the_signed_sum_with_theta(degree, latency):
             j = k - (P - 1)
             if 0 <= j < n:
                 assert ctx.get(dut.spin) == int(sums[j] >= targets[j]), (j, sums[j], targets[j])
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_threshold_covers_every_cell_of_the_table():
+    """Every (fold, octave, mantissa) cell of ``PBIT.threshold_table``, with random biases and borrows."""
+    dut = Threshold(8)
+    p = PBIT
+    fold, e, mant = np.meshgrid(np.arange(2), np.arange(p.octaves), np.arange(1 << p.mant_bits), indexing="ij")
+    fold, e, mant = fold.ravel(), e.ravel(), mant.ravel()
+    field = np.where(e == p.exp_bits, 0, 1 << (p.exp_bits - 1 - np.minimum(e, p.exp_bits - 1)))
+    rng = np.random.default_rng(11)
+    # Random bits below the leading one of the octave field and below the mantissa must not matter.
+    noise = rng.integers(0, 1 << 32, size=len(e), dtype=np.uint64)
+    below_lead = np.where(e >= p.exp_bits - 1, 0, field - 1)
+    words = ((fold.astype(np.uint64) << p.fold_bit) | (field.astype(np.uint64) << p.exp_lsb)
+             | ((noise >> 40) & below_lead.astype(np.uint64)) << p.exp_lsb
+             | (mant.astype(np.uint64) << p.mant_lsb) | (noise & ((1 << p.mant_lsb) - 1)))
+    want_z = p.threshold_table[fold, e, mant].astype(np.int64)
+    assert np.array_equal(p.threshold(words), want_z)
+    biases = rng.integers(-127, 128, size=len(words))
+    borrows = rng.integers(0, 2, size=len(words))
+    L = Threshold.LATENCY
+
+    async def bench(ctx):
+        for k in range(len(words) + L):
+            if k < len(words):
+                ctx.set(dut.word, int(words[k]))
+            if L - 1 <= k < len(words) + L - 1:
+                ctx.set(dut.bias, int(biases[k - L + 1]) & 0xFF)
+                ctx.set(dut.borrow, int(borrows[k - L + 1]))
+            if k >= L:
+                j = k - L
+                assert ctx.get(dut.theta) == want_z[j] - biases[j] - borrows[j], j
             await ctx.tick()
 
     sim = Simulator(dut)
