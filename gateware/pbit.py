@@ -152,6 +152,20 @@ class Threshold(wiring.Component):
         return m
 
 
+def _span(value):
+    """``(lo, hi)`` of a signed value's shape."""
+    width = len(value)
+    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+
+def _signed_for(lo, hi):
+    """The narrowest signed shape holding ``[lo, hi]``."""
+    width = 1
+    while not -(1 << (width - 1)) <= lo <= hi <= (1 << (width - 1)) - 1:
+        width += 1
+    return signed(width)
+
+
 class SpinSum(wiring.Component):
     """The spin path of one lane: ``Σ_d s_d·w_d >= θ``, cut into ``latency`` pipeline stages.
 
@@ -254,14 +268,19 @@ class SpinSum(wiring.Component):
                     for i in range(0, len(values), 2):
                         if i + 1 < len(values):
                             carry = pending.pop(0) if pending else Const(0, 1)
-                            merged.append(values[i] + values[i + 1] + carry)
+                            # Sized to its exact range: Amaranth's a + b + c is two bits wider than a.
+                            lo, hi = _span(values[i])[0] + _span(values[i + 1])[0], \
+                                _span(values[i])[1] + _span(values[i + 1])[1] + 1
+                            total = Signal(_signed_for(lo, hi), name=f"sum{level}_{i // 2}")
+                            m.d.comb += total.eq(values[i] + values[i + 1] + carry)
+                            merged.append(total)
                         else:
                             merged.append(values[i])
                     values = merged
                     level += 1
                 if stage == P - 1:
                     break
-                regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}", reset_less=True) for k in range(len(values))]
+                regs = [Signal(v.shape(), name=f"acc{stage}_{k}", reset_less=True) for k, v in enumerate(values)]
                 held = [Signal(name=f"neg{stage}_{k}", reset_less=True) for k in range(len(pending))]
                 zero = self.zero if stage == 0 else Const(0, 1)
                 with m.If(self.en):
@@ -276,7 +295,8 @@ class SpinSum(wiring.Component):
             # operands a, b and ~θ are first reduced to two by a carry-save step (one LUT level), so that
             # the stage holds one carry chain instead of two: a + b + ~θ + 1 + c = sum + 2·carry + c + 1.
             a, b, c = last_pair
-            width = max(len(a), len(self.theta)) + 2
+            theta_lo, theta_hi = _span(self.theta)
+            width = _signed_for(_span(a)[0] + _span(b)[0] - theta_hi, _span(a)[1] + _span(b)[1] + 1 - theta_lo).width
             ops = []
             for k, value in enumerate((a, b, self.theta)):
                 wide = Signal(signed(width), name=f"cmp{k}")
