@@ -1,11 +1,13 @@
-"""The per-lane p-bit datapath (``gateware.pbit``) against plain integer arithmetic."""
+"""The per-lane p-bit datapath (``gateware.pbit``, ``gateware.rng``) against plain integer arithmetic."""
 
 import numpy as np
 import pytest
+from amaranth.hdl import Const, Fragment, Instance, Signal
 from amaranth.sim import Simulator
 
-from opentsu.formats import PBIT, WEIGHT
+from opentsu.formats import PBIT, RNG_RESET_STATE, WEIGHT, xoroshiro64_step
 from opentsu.gateware.pbit import SpinSum, Threshold, theta_bits
+from opentsu.gateware.rng import LaneRNG
 
 
 @pytest.mark.parametrize("degree,latency", [(8, 3), (8, 2), (8, 4), (4, 3), (5, 3), (1, 3), (2, 3), (7, 2)])
@@ -89,3 +91,50 @@ def test_threshold_covers_every_cell_of_the_table():
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
+
+
+def _instances(fragment):
+    for sub, _name, _src in fragment.subfragments:
+        if isinstance(sub, Instance):
+            yield sub
+        else:
+            yield from _instances(sub)
+
+
+def test_lane_rng_hardware_luts_are_the_generator_step():
+    """Elaborated for hardware, the bank's next-state bits are ``SB_LUT4`` instances; evaluated from their
+    truth tables they take the stored state (each word XORed with its reset value) one step on."""
+    lanes = 2
+    dut = LaneRNG(lanes)
+    fragment = Fragment.get(dut, platform=object())
+    luts = [inst for inst in _instances(fragment) if inst.type == "SB_LUT4"]
+    assert len(luts) == 64 * lanes
+    masks = (RNG_RESET_STATE[0], RNG_RESET_STATE[0] ^ RNG_RESET_STATE[1])
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        s0, s1 = (int(x) for x in rng.integers(0, 1 << 32, size=2, dtype=np.uint64))
+        entropy = int(rng.integers(0, 1 << lanes))
+        values = {}
+        for lane in range(lanes):
+            values[f"s0_{lane}"] = s0 ^ masks[0]
+            values[f"u_{lane}"] = s0 ^ s1 ^ masks[1]
+        values["entropy"] = entropy
+
+        def bit(value):
+            if isinstance(value, Const):
+                return value.value
+            if isinstance(value, Signal):
+                return values[value.name] & 1
+            assert value.stop == value.start + 1
+            return values[value.value.name] >> value.start & 1
+
+        got = {}
+        for inst in luts:
+            index = sum(bit(inst.ports[f"I{k}"][0]) << k for k in range(4))
+            got[inst.ports["O"][0].name] = inst.parameters["LUT_INIT"].value >> index & 1
+        _, n0, n1 = xoroshiro64_step(np.uint32(s0), np.uint32(s1))
+        for lane in range(lanes):
+            s0_next = sum(got[f"s0_{lane}_next{i}"] << i for i in range(32))
+            u_next = sum(got[f"u_{lane}_next{i}"] << i for i in range(32))
+            assert s0_next == int(n0) ^ masks[0], (trial, lane)
+            assert u_next == int(n0) ^ int(n1) ^ (entropy >> lane & 1) ^ masks[1], (trial, lane)
