@@ -108,8 +108,7 @@ class Threshold(wiring.Component):
         # with nZ = count - LO[e] = -Z_low, the lower half has ~Z = nZ - 1 = r and the upper half
         # ~Z = ~(1 - Z_low) = ~(nZ + 1) = ~r. The XOR with the fold is absorbed by the adder's LUTs.
         offsets = [-lo_table[e] - 1 for e in range(p.octaves)]
-        r_shape = Shape.cast(range(min(offsets), max(offsets) + p.boundaries + 3))
-        r_shape = signed(r_shape.width + (not r_shape.signed))
+        r_shape = _signed_for(min(offsets), max(offsets) + p.boundaries + 2)
         fold2 = Signal(reset_less=True)
         offset2 = Signal(r_shape, reset_less=True)
         below2 = Signal(p.boundaries, reset_less=True)
@@ -133,8 +132,8 @@ class Threshold(wiring.Component):
         with m.If(self.en):
             m.d.sync += [fold2.eq(fold1), offset2.eq(offset), below2.eq(Cat(*below))]
 
-        # Stage 3: ~Z = (offset + count + 2·fold) ^ fold; the bounds are non-increasing in k, so the
-        # comparison bits are a thermometer code and count + 2·fold is a small table (one LUT level).
+        # Stage 3: ~Z = (offset + count + 2·fold) ^ fold, with count + 2·fold a table of the five
+        # registered bits, so the stage holds one carry chain.
         count = Signal(range(p.boundaries + 3))
         with m.Switch(Cat(below2, fold2)):
             for code in range(1 << (p.boundaries + 1)):
