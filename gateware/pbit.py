@@ -20,16 +20,17 @@ def theta_bits(degree: int) -> int:
 
 def _leading_zeros(m, bits):
     """``(any, count)`` for a power-of-two number of bits: whether one is set, and how many zeros lie
-    above the highest one, as a balanced tree (two levels of logic per factor of four)."""
+    above the highest one, as a tree of halves."""
     if len(bits) == 1:
         return bits[0], Const(0, 0)
     half = len(bits) // 2
     assert half * 2 == len(bits) and half & (half - 1) == 0
     any_lo, count_lo = _leading_zeros(m, bits[:half])
     any_hi, count_hi = _leading_zeros(m, bits[half:])
-    # Kept wires from the 4-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
-    # deep chain (six LUT levels instead of three).
-    attrs = {"keep": 1} if len(bits) >= 4 else {}
+    # Kept wires from the 8-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
+    # deep chain (six LUT levels). Cutting it at the 4-bit groups as well costs 3 more LUTs per lane and
+    # bought no Fmax on the 8-lane datapath (72 MHz either way, the spin path being critical).
+    attrs = {"keep": 1} if len(bits) >= 8 else {}
     any_, count = Signal(attrs=attrs), Signal(len(count_hi) + 1, attrs=attrs)
     m.d.comb += [any_.eq(any_lo | any_hi), count.eq(Mux(any_hi, count_hi, Cat(count_lo, Const(1, 1))))]
     return any_, count
@@ -92,8 +93,8 @@ class Threshold(wiring.Component):
         mant1 = Signal(p.mant_bits, reset_less=True)
         field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
-        # A one below the field makes the all-zero field count p.exp_bits; the count is a balanced tree
-        # (three LUT levels for 16 bits), not a chain of priority multiplexers.
+        # A one below the field makes the all-zero field count p.exp_bits; the count is a tree of halves,
+        # not a chain of priority multiplexers.
         m.d.comb += octave.eq(_leading_zeros(m, Cat(Const(1, 1), field))[1])
         with m.If(self.en):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
