@@ -175,8 +175,9 @@ class SpinSum(wiring.Component):
     each negative spin (STYLE.md: the mux form costs 35% more logic).
 
     With ``latency >= 3`` those ones cost nothing: each adder of the tree takes one as its carry-in and the
-    last one leaves on ``borrow`` (in stage A) for ``Threshold`` to subtract from θ. With a shorter
-    pipeline θ comes too late for that, and the count is subtracted in the stage before the comparison
+    last one leaves on ``borrow`` (in stage A) for ``Threshold`` to subtract from θ; the whole sum is then
+    ready before the last stage, which only compares it with θ. With a shorter pipeline θ comes too late
+    for that, and the count is subtracted in the stage before the comparison
     (or in the comparison itself). With ``zero`` high in stage A the neighbour sum is forced to 0.
     Stages advance on ``en``.
     """
@@ -257,13 +258,13 @@ class SpinSum(wiring.Component):
             m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
             level = 1 if D >= 2 else 0      # the pairs are level 1
-            last_pair = None    # (a, b, carry) when the last stage's only addition is a + b + carry
-            for stage in range(P):
-                last_level = cuts[stage] if stage < P - 1 else levels
-                if stage == P - 1 and level == levels - 1 and len(values) == 2:
-                    last_pair = (values[0], values[1], pending.pop(0) if pending else Const(0, 1))
-                    level = levels
-                while level < last_level:
+            # Stage A ends with the pairs (the weights arrive late, from block RAM), the last stage only
+            # compares with θ (one carry chain ahead of the write-back), and the other levels are spread
+            # over the stages between.
+            middle = max(1, P - 2)
+            cuts = [min(level, levels)] + [level + round((levels - level) * k / middle) for k in range(1, P - 1)]
+            for stage in range(P - 1):
+                while level < cuts[stage]:
                     merged = []
                     for i in range(0, len(values), 2):
                         if i + 1 < len(values):
@@ -278,8 +279,6 @@ class SpinSum(wiring.Component):
                             merged.append(values[i])
                     values = merged
                     level += 1
-                if stage == P - 1:
-                    break
                 regs = [Signal(v.shape(), name=f"acc{stage}_{k}", reset_less=True) for k, v in enumerate(values)]
                 held = [Signal(name=f"neg{stage}_{k}", reset_less=True) for k in range(len(pending))]
                 zero = self.zero if stage == 0 else Const(0, 1)
@@ -287,29 +286,8 @@ class SpinSum(wiring.Component):
                     m.d.sync += [reg.eq(Mux(zero, 0, v)) for reg, v in zip(regs, values)]
                     m.d.sync += [h.eq(p & ~zero) for h, p in zip(held, pending)]
                 values, pending = regs, held
-            assert not pending, "every negative spin must find a carry-in"
-            if last_pair is None:
-                m.d.comb += self.spin.eq(values[0] >= self.theta)
-                return m
-            # The last stage adds two sums and a carry and compares with θ: `a + b + c - θ >= 0`. The three
-            # operands a, b and ~θ are first reduced to two by a carry-save step (one LUT level), so that
-            # the stage holds one carry chain instead of two: a + b + ~θ + 1 + c = sum + 2·carry + c + 1.
-            a, b, c = last_pair
-            theta_lo, theta_hi = _span(self.theta)
-            width = _signed_for(_span(a)[0] + _span(b)[0] - theta_hi, _span(a)[1] + _span(b)[1] + 1 - theta_lo).width
-            ops = []
-            for k, value in enumerate((a, b, self.theta)):
-                wide = Signal(signed(width), name=f"cmp{k}")
-                m.d.comb += wide.eq(value)
-                ops.append(wide.as_unsigned())
-            ops[2] = ~ops[2]
-            sum_bits = Signal(width, name="cmp_sum")
-            carry_bits = Signal(width, name="cmp_carry")
-            m.d.comb += [sum_bits.eq(ops[0] ^ ops[1] ^ ops[2]),
-                         carry_bits.eq((ops[0] & ops[1]) | (ops[0] & ops[2]) | (ops[1] & ops[2]))]
-            total = Signal(width, name="cmp_total")
-            m.d.comb += total.eq(sum_bits + Cat(c, carry_bits[:-1]) + 1)
-            m.d.comb += self.spin.eq(~total[-1])
+            assert level == levels and len(values) == 1 and not pending, "every negative spin must find a carry-in"
+            m.d.comb += self.spin.eq(values[0] >= self.theta)
             return m
 
         count = sum(negatives)
