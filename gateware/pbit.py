@@ -124,12 +124,14 @@ class Threshold(wiring.Component):
             if len(used) <= 1:
                 below.append(Const(0, 1) if not used else (octave1 == used[0]) & _less_than(mant1, table[used[0]]))
             else:
-                bound = Signal(p.mant_bits, name=f"bound{k}")
+                # Mantissa bits above every bound of the table must be 0; the rest is one carry chain.
+                width = max(table).bit_length()
+                bound = Signal(width, name=f"bound{k}")
                 with m.Switch(octave1):
                     for e in range(p.octaves):
                         with m.Case(e):
                             m.d.comb += bound.eq(table[e])
-                below.append(mant1 < bound)
+                below.append(~mant1[width:].any() & (mant1[:width] < bound))
         with m.If(self.en):
             m.d.sync += [fold2.eq(fold1), offset2.eq(offset), below2.eq(Cat(*below))]
 
@@ -146,9 +148,13 @@ class Threshold(wiring.Component):
         with m.If(self.en):
             m.d.sync += not_z3.eq(not_z ^ fold2.replicate(len(not_z)).as_signed())
 
-        # Stage 4: θ = ~(~Z + b + borrow), one carry chain with the borrow as its carry-in.
+        # Stage 4: θ = ~(~Z + b + borrow), one carry chain with the borrow as its carry-in, as wide as
+        # its range (the port's upper bits repeat the sign).
+        bias_lo, bias_hi = _span(self.bias.as_signed())
+        total = Signal(_signed_for(_span(not_z3)[0] + bias_lo, _span(not_z3)[1] + bias_hi + 1))
+        m.d.comb += total.eq(not_z3 + self.bias.as_signed() + self.borrow)
         with m.If(self.en):
-            m.d.sync += self.theta.eq(~(not_z3 + self.bias.as_signed() + self.borrow))
+            m.d.sync += self.theta.eq(~total)
         return m
 
 
