@@ -27,10 +27,11 @@ def _leading_zeros(m, bits):
     assert half * 2 == len(bits) and half & (half - 1) == 0
     any_lo, count_lo = _leading_zeros(m, bits[:half])
     any_hi, count_hi = _leading_zeros(m, bits[half:])
-    # Kept wires from the 8-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
-    # deep chain (six LUT levels). Cutting it at the 4-bit groups as well costs 3 more LUTs per lane and
-    # bought no Fmax on the 8-lane datapath (72 MHz either way, the spin path being critical).
-    attrs = {"keep": 1} if len(bits) >= 8 else {}
+    # A kept wire at the top cuts the tree for the LUT mapper, which otherwise maps it as one deep chain
+    # (six LUT levels; four with the cut). Cutting it at the 8-bit groups too (three levels) costs 2 more
+    # LUTs per lane, and at the 4-bit groups 6, for no Fmax on the 8-lane datapath, whose critical path
+    # is in SpinSum.
+    attrs = {"keep": 1} if len(bits) >= 16 else {}
     any_, count = Signal(attrs=attrs), Signal(len(count_hi) + 1, attrs=attrs)
     m.d.comb += [any_.eq(any_lo | any_hi), count.eq(Mux(any_hi, count_hi, Cat(count_lo, Const(1, 1))))]
     return any_, count
