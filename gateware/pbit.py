@@ -20,19 +20,33 @@ def theta_bits(degree: int) -> int:
 
 def _leading_zeros(m, bits):
     """``(any, count)`` for a power-of-two number of bits: whether one is set, and how many zeros lie
-    above the highest one, as a balanced tree (two levels of logic per factor of four)."""
+    above the highest one, as a tree of halves."""
     if len(bits) == 1:
         return bits[0], Const(0, 0)
     half = len(bits) // 2
     assert half * 2 == len(bits) and half & (half - 1) == 0
     any_lo, count_lo = _leading_zeros(m, bits[:half])
     any_hi, count_hi = _leading_zeros(m, bits[half:])
-    # Kept wires from the 4-bit groups up cut the tree for the LUT mapper, which otherwise maps it as one
-    # deep chain (six LUT levels instead of three).
-    attrs = {"keep": 1} if len(bits) >= 4 else {}
+    # A kept wire at the top cuts the tree for the LUT mapper, which otherwise maps it as one deep chain
+    # (six LUT levels; four with the cut). Cutting it at the 8-bit groups too (three levels) costs 2 more
+    # LUTs per lane, and at the 4-bit groups 6, for no Fmax on the 8-lane datapath, whose critical path
+    # is in SpinSum.
+    attrs = {"keep": 1} if len(bits) >= 16 else {}
     any_, count = Signal(attrs=attrs), Signal(len(count_hi) + 1, attrs=attrs)
     m.d.comb += [any_.eq(any_lo | any_hi), count.eq(Mux(any_hi, count_hi, Cat(count_lo, Const(1, 1))))]
     return any_, count
+
+
+def _less_than(value, const):
+    """``value < const`` for an unsigned value and a constant, as plain logic (no carry chain): from the
+    least significant bit up, ``lt = ~v_i | lt`` where the constant has a one and ``~v_i & lt`` where it
+    has a zero."""
+    if const >= 1 << len(value):
+        return Const(1, 1)
+    lt = Const(0, 1)
+    for i in range(len(value)):
+        lt = (~value[i] | lt) if const >> i & 1 else (~value[i] & lt)
+    return lt
 
 
 class Threshold(wiring.Component):
@@ -75,62 +89,88 @@ class Threshold(wiring.Component):
         lo_table, bound_tables = p.tables
 
         # Stage 1: split the word; the octave is the leading-zero count of the octave field.
-        fold1 = Signal()
-        octave1 = Signal(range(p.octaves))
-        mant1 = Signal(p.mant_bits)
+        fold1 = Signal(reset_less=True)
+        octave1 = Signal(range(p.octaves), reset_less=True)
+        mant1 = Signal(p.mant_bits, reset_less=True)
         field = self.word[p.exp_lsb:p.exp_lsb + p.exp_bits]
         octave = Signal(range(p.octaves))
-        # A one below the field makes the all-zero field count p.exp_bits; the count is a balanced tree
-        # (three LUT levels for 16 bits), not a chain of priority multiplexers.
+        # A one below the field makes the all-zero field count p.exp_bits; the count is a tree of halves,
+        # not a chain of priority multiplexers.
         m.d.comb += octave.eq(_leading_zeros(m, Cat(Const(1, 1), field))[1])
         with m.If(self.en):
             m.d.sync += [fold1.eq(self.word[p.fold_bit]), octave1.eq(octave),
                          mant1.eq(self.word[p.mant_lsb:p.mant_lsb + p.mant_bits])]
 
-        # Stage 2: per octave, the folded base and the mantissa comparisons. A bound that is nonzero in
-        # a single octave becomes a constant comparison gated by that octave. Z is the base plus the
-        # number of set comparison bits: in the upper half Z = 1 - Z_low = (1 - LO) + count; in the
-        # lower half Z = LO - count = (LO - boundaries) + count(inverted bits), so the bits are
-        # inverted there and stage 3 only counts.
-        base2 = Signal(signed(9))
-        below2 = Signal(p.boundaries)
-        base = Signal(signed(9))
-        with m.Switch(Cat(octave1, fold1)):
-            for fold in (0, 1):
-                for e in range(p.octaves):
-                    with m.Case(e | fold << len(octave1)):
-                        m.d.comb += base.eq(1 - lo_table[e] if fold else lo_table[e] - p.boundaries)
+        # Stage 2: the mantissa comparisons c_k = [m < B[k][e]] and an octave table. A bound that is
+        # nonzero in a single octave becomes a constant comparison (plain logic, no carry chain) gated
+        # by that octave.
+        #
+        # θ = Z - b - borrow is computed as ~(~Z + b + borrow), so the bias enters the last adder as it
+        # is (no inverters in front of it), and ~Z = r ^ fold with r = (-LO[e] - 1) + count + 2·fold:
+        # with nZ = count - LO[e] = -Z_low, the lower half has ~Z = nZ - 1 = r and the upper half
+        # ~Z = ~(1 - Z_low) = ~(nZ + 1) = ~r. The XOR with the fold is absorbed by the adder's LUTs.
+        offsets = [-lo_table[e] - 1 for e in range(p.octaves)]
+        r_shape = _signed_for(min(offsets), max(offsets) + p.boundaries + 2)
+        fold2 = Signal(reset_less=True)
+        offset2 = Signal(r_shape, reset_less=True)
+        below2 = Signal(p.boundaries, reset_less=True)
+        offset = Signal(r_shape)
+        with m.Switch(octave1):
+            for e in range(p.octaves):
+                with m.Case(e):
+                    m.d.comb += offset.eq(offsets[e])
         below = []
         for k, table in enumerate(bound_tables):
             used = [e for e in range(p.octaves) if table[e]]
             if len(used) <= 1:
-                below.append(Const(0, 1) if not used else (octave1 == used[0]) & (mant1 < table[used[0]]))
+                below.append(Const(0, 1) if not used else (octave1 == used[0]) & _less_than(mant1, table[used[0]]))
             else:
-                bound = Signal(p.mant_bits, name=f"bound{k}")
+                # Mantissa bits above every bound of the table must be 0; the rest is one carry chain.
+                width = max(table).bit_length()
+                bound = Signal(width, name=f"bound{k}")
                 with m.Switch(octave1):
                     for e in range(p.octaves):
                         with m.Case(e):
                             m.d.comb += bound.eq(table[e])
-                below.append(mant1 < bound)
+                below.append(~mant1[width:].any() & (mant1[:width] < bound))
         with m.If(self.en):
-            m.d.sync += [base2.eq(base), below2.eq(Cat(*below) ^ (~fold1).replicate(p.boundaries))]
+            m.d.sync += [fold2.eq(fold1), offset2.eq(offset), below2.eq(Cat(*below))]
 
-        # Stage 3: Z = base + count, the count a table of the comparison bits (one LUT level), so the
-        # stage holds one carry chain.
-        count = Signal(range(p.boundaries + 1))
-        with m.Switch(below2):
-            for code in range(1 << p.boundaries):
+        # Stage 3: ~Z = (offset + count + 2·fold) ^ fold, with count + 2·fold a table of the five
+        # registered bits, so the stage holds one carry chain.
+        count = Signal(range(p.boundaries + 3))
+        with m.Switch(Cat(below2, fold2)):
+            for code in range(1 << (p.boundaries + 1)):
                 with m.Case(code):
-                    m.d.comb += count.eq(bin(code).count("1"))
-        z3 = Signal(signed(9))
+                    m.d.comb += count.eq(bin(code % (1 << p.boundaries)).count("1") + 2 * (code >> p.boundaries))
+        not_z = Signal(r_shape)
+        m.d.comb += not_z.eq(offset2 + count)
+        not_z3 = Signal(r_shape, reset_less=True)
         with m.If(self.en):
-            m.d.sync += z3.eq(base2 + count)
+            m.d.sync += not_z3.eq(not_z ^ fold2.replicate(len(not_z)).as_signed())
 
-        # Stage 4: θ = Z - b - borrow, one carry chain: Z + ~b + ~borrow.
-        bias = self.bias.as_signed()
+        # Stage 4: θ = ~(~Z + b + borrow), one carry chain with the borrow as its carry-in, as wide as
+        # its range (the port's upper bits repeat the sign).
+        bias_lo, bias_hi = _span(self.bias.as_signed())
+        total = Signal(_signed_for(_span(not_z3)[0] + bias_lo, _span(not_z3)[1] + bias_hi + 1))
+        m.d.comb += total.eq(not_z3 + self.bias.as_signed() + self.borrow)
         with m.If(self.en):
-            m.d.sync += self.theta.eq(z3 + ~bias + ~self.borrow)
+            m.d.sync += self.theta.eq(~total)
         return m
+
+
+def _span(value):
+    """``(lo, hi)`` of a signed value's shape."""
+    width = len(value)
+    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+
+def _signed_for(lo, hi):
+    """The narrowest signed shape holding ``[lo, hi]``."""
+    width = 1
+    while not -(1 << (width - 1)) <= lo <= hi <= (1 << (width - 1)) - 1:
+        width += 1
+    return signed(width)
 
 
 class SpinSum(wiring.Component):
@@ -142,8 +182,9 @@ class SpinSum(wiring.Component):
     each negative spin (STYLE.md: the mux form costs 35% more logic).
 
     With ``latency >= 3`` those ones cost nothing: each adder of the tree takes one as its carry-in and the
-    last one leaves on ``borrow`` (in stage A) for ``Threshold`` to subtract from θ. With a shorter
-    pipeline θ comes too late for that, and the count is subtracted in the stage before the comparison
+    last one leaves on ``borrow`` (in stage A) for ``Threshold`` to subtract from θ; the whole sum is then
+    ready before the last stage, which only compares it with θ. With a shorter pipeline θ comes too late
+    for that, and the count is subtracted in the stage before the comparison
     (or in the comparison itself). With ``zero`` high in stage A the neighbour sum is forced to 0.
     Stages advance on ``en``.
     """
@@ -184,73 +225,76 @@ class SpinSum(wiring.Component):
         m = Module()
         D, P, wbits = self._degree, self._latency, WEIGHT.bits
         sum_w = field_bits(D) + 1
-        values, negatives = [], []
-        # With the borrow, `zero` resets stage A's registers (their flip-flops' own synchronous reset)
-        # rather than gating every term: a term bit is then one LUT of the weight bit and the spin.
-        late_zero = self.uses_borrow
-        for d in range(D):
-            neg = Signal(name=f"neg{d}")
-            m.d.comb += neg.eq(~self.spins[d] & (1 if late_zero else ~self.zero))
-            term = Signal(signed(wbits), name=f"term{d}")
-            weight = self.weights[d * wbits:(d + 1) * wbits].as_signed()
-            flipped = weight ^ neg.replicate(wbits).as_signed()
-            m.d.comb += term.eq(flipped if late_zero else Mux(self.zero, 0, flipped))
-            values.append(term)
-            negatives.append(neg)
+        weight = [self.weights[d * wbits:(d + 1) * wbits].as_signed() for d in range(D)]
+        if self.uses_borrow:
+            # Tree level 1 adds the terms in pairs, each as s_a·(w_a ± w_b): with p = s_a·s_b,
+            # s_a·w_a + s_b·w_b = s_a·(w_a + p·w_b), so only w_b is flipped (p as carry-in for -w_b) and
+            # the sign s_a is applied to the sum, as an XOR its adder LUTs absorb, plus a one left pending
+            # (its negative spin). That halves the XOR LUTs in front of the tree. `zero` resets stage A's
+            # registers (their flip-flops' own synchronous reset) rather than gating every term.
+            values, negatives = [], []
+            for d in range(0, D - 1, 2):
+                neg = Signal(name=f"neg{d}")
+                flip = Signal(name=f"flip{d}")
+                m.d.comb += [neg.eq(~self.spins[d]), flip.eq(self.spins[d] ^ self.spins[d + 1])]
+                inner = Signal(signed(wbits + 1), name=f"inner{d}")
+                m.d.comb += inner.eq(weight[d] + (weight[d + 1] ^ flip.replicate(wbits).as_signed()) + flip)
+                pair = Signal(signed(wbits + 1), name=f"pair{d}")
+                m.d.comb += pair.eq(inner ^ neg.replicate(wbits + 1).as_signed())
+                values.append(pair)
+                negatives.append(neg)
+            if D % 2:
+                neg = Signal(name=f"neg{D - 1}")
+                term = Signal(signed(wbits), name=f"term{D - 1}")
+                m.d.comb += [neg.eq(~self.spins[D - 1]), term.eq(weight[D - 1] ^ neg.replicate(wbits).as_signed())]
+                values.append(term)
+                negatives.append(neg)
+        else:
+            values, negatives = [], []
+            for d in range(D):
+                neg = Signal(name=f"neg{d}")
+                m.d.comb += neg.eq(~self.spins[d] & ~self.zero)
+                term = Signal(signed(wbits), name=f"term{d}")
+                m.d.comb += term.eq(Mux(self.zero, 0, weight[d] ^ neg.replicate(wbits).as_signed()))
+                values.append(term)
+                negatives.append(neg)
         levels = max(1, (D - 1).bit_length())
         cuts = [max(1, round(levels * k / P)) for k in range(1, P)]   # tree level ending each stage
         if self.uses_borrow:
             # Negative spins ride as carry-ins: one per adder, the last one out on `borrow`.
             m.d.comb += self.borrow.eq(negatives[-1] & ~self.zero)
             pending = negatives[:-1]
-            level = 0
-            last_pair = None    # (a, b, carry) when the last stage's only addition is a + b + carry
-            for stage in range(P):
-                last_level = cuts[stage] if stage < P - 1 else levels
-                if stage == P - 1 and level == levels - 1 and len(values) == 2:
-                    last_pair = (values[0], values[1], pending.pop(0) if pending else Const(0, 1))
-                    level = levels
-                while level < last_level:
+            level = 1 if D >= 2 else 0      # the pairs are level 1
+            # Stage A ends with the pairs (the weights arrive late, from block RAM), the last stage only
+            # compares with θ (one carry chain ahead of the write-back), and the other levels are spread
+            # over the stages between.
+            middle = max(1, P - 2)
+            cuts = [min(level, levels)] + [level + round((levels - level) * k / middle) for k in range(1, P - 1)]
+            for stage in range(P - 1):
+                while level < cuts[stage]:
                     merged = []
                     for i in range(0, len(values), 2):
                         if i + 1 < len(values):
                             carry = pending.pop(0) if pending else Const(0, 1)
-                            merged.append(values[i] + values[i + 1] + carry)
+                            # Sized to its exact range: Amaranth's a + b + c is two bits wider than a.
+                            lo, hi = _span(values[i])[0] + _span(values[i + 1])[0], \
+                                _span(values[i])[1] + _span(values[i + 1])[1] + 1
+                            total = Signal(_signed_for(lo, hi), name=f"sum{level}_{i // 2}")
+                            m.d.comb += total.eq(values[i] + values[i + 1] + carry)
+                            merged.append(total)
                         else:
                             merged.append(values[i])
                     values = merged
                     level += 1
-                if stage == P - 1:
-                    break
-                regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
-                held = [Signal(name=f"neg{stage}_{k}") for k in range(len(pending))]
+                regs = [Signal(v.shape(), name=f"acc{stage}_{k}", reset_less=True) for k, v in enumerate(values)]
+                held = [Signal(name=f"neg{stage}_{k}", reset_less=True) for k in range(len(pending))]
                 zero = self.zero if stage == 0 else Const(0, 1)
                 with m.If(self.en):
                     m.d.sync += [reg.eq(Mux(zero, 0, v)) for reg, v in zip(regs, values)]
                     m.d.sync += [h.eq(p & ~zero) for h, p in zip(held, pending)]
                 values, pending = regs, held
-            assert not pending, "every negative spin must find a carry-in"
-            if last_pair is None:
-                m.d.comb += self.spin.eq(values[0] >= self.theta)
-                return m
-            # The last stage adds two sums and a carry and compares with θ: `a + b + c - θ >= 0`. The three
-            # operands a, b and ~θ are first reduced to two by a carry-save step (one LUT level), so that
-            # the stage holds one carry chain instead of two: a + b + ~θ + 1 + c = sum + 2·carry + c + 1.
-            a, b, c = last_pair
-            width = max(len(a), len(self.theta)) + 2
-            ops = []
-            for k, value in enumerate((a, b, self.theta)):
-                wide = Signal(signed(width), name=f"cmp{k}")
-                m.d.comb += wide.eq(value)
-                ops.append(wide.as_unsigned())
-            ops[2] = ~ops[2]
-            sum_bits = Signal(width, name="cmp_sum")
-            carry_bits = Signal(width, name="cmp_carry")
-            m.d.comb += [sum_bits.eq(ops[0] ^ ops[1] ^ ops[2]),
-                         carry_bits.eq((ops[0] & ops[1]) | (ops[0] & ops[2]) | (ops[1] & ops[2]))]
-            total = Signal(width, name="cmp_total")
-            m.d.comb += total.eq(sum_bits + Cat(c, carry_bits[:-1]) + 1)
-            m.d.comb += self.spin.eq(~total[-1])
+            assert level == levels and len(values) == 1 and not pending, "every negative spin must find a carry-in"
+            m.d.comb += self.spin.eq(values[0] >= self.theta)
             return m
 
         count = sum(negatives)
@@ -266,14 +310,14 @@ class SpinSum(wiring.Component):
                 threshold = self.theta - count
             if stage == P - 1:
                 break
-            regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}") for k in range(len(values))]
-            held = Signal(range(D + 1), name=f"negs{stage}")
+            regs = [Signal(signed(sum_w), name=f"acc{stage}_{k}", reset_less=True) for k in range(len(values))]
+            held = Signal(range(D + 1), name=f"negs{stage}", reset_less=True)
             with m.If(self.en):
                 m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
                 m.d.sync += held.eq(count)
             values, count = regs, held
             if threshold is not None:
-                thr = Signal(signed(theta_bits(D) + 1), name=f"thr{stage}")
+                thr = Signal(signed(theta_bits(D) + 1), name=f"thr{stage}", reset_less=True)
                 with m.If(self.en):
                     m.d.sync += thr.eq(threshold)
                 threshold = thr

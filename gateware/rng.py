@@ -1,16 +1,39 @@
 """Per-lane random streams: one xoroshiro64 generator per lane (``opentsu.formats.xoroshiro64_step``)."""
 
 from amaranth import *
+from amaranth.hdl import Instance
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from opentsu.formats import RNG_RESET_STATE, RNG_WORD_BITS
 
-__all__ = ["LaneRNG"]
+__all__ = ["LaneRNG", "xor_lut_init"]
 
 
 def _rotl(x, k):
     return Cat(x[32 - k:], x[:32 - k])
+
+
+def xor_lut_init(inputs: int) -> int:
+    """``SB_LUT4`` truth table (``O = INIT[{I3, I2, I1, I0}]``) of the XOR of inputs I0 .. I(inputs-1)."""
+    if not 1 <= inputs <= 4:
+        raise ValueError(f"an SB_LUT4 XORs 1 to 4 inputs, not {inputs}")
+    return sum((bin(index & ((1 << inputs) - 1)).count("1") & 1) << index for index in range(16))
+
+
+def _xor(m, bits, invert, name, platform):
+    """The XOR of up to four bits, inverted if ``invert``. On hardware it is one ``SB_LUT4`` instance:
+    synthesis cannot then re-express one next-state function through another, which gives that LUT a
+    second load and keeps it out of its flip-flop's logic cell (a third of the bank's cells were
+    flip-flops on their own)."""
+    out = Signal(name=name)
+    if platform is None:
+        m.d.comb += out.eq(Cat(*bits).xor() ^ invert)
+    else:
+        init = xor_lut_init(len(bits)) ^ (0xFFFF if invert else 0)
+        pins = {f"i_I{k}": bits[k] if k < len(bits) else Const(0, 1) for k in range(4)}
+        m.submodules[name] = Instance("SB_LUT4", p_LUT_INIT=Const(init, 16), o_O=out, **pins)
+    return out
 
 
 class LaneRNG(wiring.Component):
@@ -20,6 +43,9 @@ class LaneRNG(wiring.Component):
     next-state functions are single-LUT XORs (``s0' = rotl(s0,26) ^ u ^ u<<9``,
     ``u' = s0' ^ rotl(u,13)``) and pack with their flip-flops. The plain ``(s0, s1)`` form needs
     ``t = s0 ^ s1`` twice, and the shared XOR left half the state in flip-flops of their own.
+
+    Elaborated for a platform (hardware), each next-state bit is an explicit ``SB_LUT4``; with
+    ``platform=None`` (simulation) it is the same XOR as ordinary logic.
 
     Ports
     -----
@@ -64,14 +90,29 @@ class LaneRNG(wiring.Component):
         entropy = Signal(self._lanes)
         m.d.comb += entropy.eq(self.inject ^ Mux(take_mix, self.mix.payload, 0))
         reset0, reset1 = RNG_RESET_STATE
+        # The flip-flops hold each state bit XORed with its reset value, so that they reset (and power
+        # up, as iCE40 flip-flops do) to 0; the XOR is folded into the next-state functions.
+        masks = (reset0, reset0 ^ reset1)
         for lane in range(self._lanes):
-            s0 = Signal(32, name=f"s0_{lane}", init=reset0)
-            u = Signal(32, name=f"u_{lane}", init=reset0 ^ reset1)
-            m.d.comb += self.words[lane].eq(s0)
-            shared = u ^ (u << 9)[:32]
+            held = [Signal(32, name=f"s0_{lane}"), Signal(32, name=f"u_{lane}")]
+            # (register, bit) of every term: s0' = rotl(s0,26) ^ u ^ u<<9, u' = s0' ^ rotl(u,13) ^ entropy.
+            r26 = [(0, (i - 26) % 32) for i in range(32)]
+            r13 = [(1, (i - 13) % 32) for i in range(32)]
+            functions = [[[r26[i], (1, i)] + ([(1, i - 9)] if i >= 9 else []) for i in range(32)]]
+            functions.append([terms + [r13[i]] for i, terms in enumerate(functions[0])])
+            nexts = []
+            for reg, terms_of in enumerate(functions):
+                bits = []
+                for i, terms in enumerate(terms_of):
+                    inputs = [held[r][k] for r, k in terms]
+                    invert = ((masks[reg] >> i) ^ sum(masks[r] >> k for r, k in terms)) & 1
+                    if reg == 1 and i == 0:
+                        inputs.append(entropy[lane])   # bit 0 has no u << 9 term
+                    bits.append(_xor(m, inputs, invert, f"{('s0', 'u')[reg]}_{lane}_next{i}", platform))
+                nexts.append(Cat(*bits))
+            m.d.comb += self.words[lane].eq(held[0] ^ masks[0])
             with m.If(self.reset):
-                m.d.sync += [s0.eq(reset0), u.eq(reset0 ^ reset1)]
+                m.d.sync += [reg.eq(0) for reg in held]
             with m.Elif(self.advance):
-                m.d.sync += [s0.eq(_rotl(s0, 26) ^ shared),
-                             u.eq(_rotl(s0, 26) ^ _rotl(u, 13) ^ shared ^ entropy[lane])]
+                m.d.sync += [reg.eq(nxt) for reg, nxt in zip(held, nexts)]
         return m
