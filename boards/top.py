@@ -75,8 +75,8 @@ class Board:
 BOARDS = {
     "icebreaker": Board(
         name="icebreaker", platform=ICEBreakerPlatform, fabric=PRESETS["icebreaker"], target="ice40-up5k",
-        # A multiple of 3 MHz (an exact 3 Mbaud UART) below the 4-lane preset's Fmax, 46.7–48.9 MHz over three
-        # placement seeds: docs/boards.md.
+        # A multiple of 3 MHz (an exact 3 Mbaud UART) at or below the 8-lane preset's Fmax over placement
+        # seeds: docs/boards.md.
         clock_hz=45_000_000, pll_pad=True, extra_resources="break_off_pmod",
         # led 0 is the red LED by the USB connector, led 1 the green one; led_r 1 is the snap-off PMOD's red
         # LED (LED1) and led_g 1 its green LED2.

@@ -75,7 +75,7 @@ class FabricConfig:
 #: beside the command engine, and the HX8K's what fits its 32 block RAMs. The iCEBreaker's second jump is
 #: (4,3) rather than (2,1) because the shipped DTM is much better with it (docs/dtm.md); it costs the same.
 PRESETS = {
-    "icebreaker": FabricConfig(16, 16, ((0, 1), (4, 3)), lanes=4, layers=8),
+    "icebreaker": FabricConfig(16, 16, ((0, 1), (4, 3)), lanes=8, layers=8),
     "hx8k": FabricConfig(16, 16, ((0, 1), (2, 1)), lanes=4, layers=4),
     "icestick": FabricConfig(8, 8, ((0, 1),), lanes=2, layers=2),
 }
