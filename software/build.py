@@ -242,7 +242,9 @@ def make_report(*, board, top, nextpnr_report: dict, yosys_cells: dict, seconds:
     clock_mhz = top.clock_hz / 1e6
     clocks = {name: {"achieved_mhz": round(float(v["achieved"]), 2), "constraint_mhz": round(float(v["constraint"]), 2)}
               for name, v in (nextpnr_report.get("fmax") or {}).items()}
-    fabric_clock = [name for name, v in clocks.items() if abs(v["constraint_mhz"] - clock_mhz) < 0.01]
+    # nextpnr states the constraint as a whole-picosecond period (96 MHz comes back as 96.0096).
+    fabric_clock = [name for name, v in (nextpnr_report.get("fmax") or {}).items()
+                    if abs(float(v["constraint"]) - clock_mhz) < 1e-3 * clock_mhz]
     if not fabric_clock:
         raise BuildError(f"nextpnr reports no clock constrained at {clock_mhz:g} MHz (clocks: {clocks or 'none'}); "
                          "the PLL output constraint did not reach place and route")

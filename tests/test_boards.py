@@ -234,6 +234,10 @@ def test_report_follows_a_clock_override():
                         clock_hz=60_000_000)
     assert report["clock_mhz"] == 60.0 and report["uart"]["divisor"] == 20
     assert report["flips_per_ns"] == pytest.approx(report["updates_per_cycle"] * 0.06)
+    # A period nextpnr rounds to whole picoseconds: 96 MHz is constrained as 1/10.416 ns.
+    _, report = _report(nextpnr=dict(NEXTPNR_REPORT, fmax={"clk_fabric": {"achieved": 97.7, "constraint": 96.0096}}),
+                        clock_hz=96_000_000)
+    assert report["clock_mhz"] == 96.0 and report["fmax_mhz"] == 97.7 and report["timing_met"]
 
 
 YOSYS_LOG = """
