@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 from amaranth.hdl import Const, Fragment, Instance, Signal
-from amaranth.sim import Simulator
 
 from opentsu.formats import PBIT, RNG_RESET_STATE, WEIGHT, xoroshiro64_step
 from opentsu.gateware.pbit import SpinSum, Threshold, theta_bits
 from opentsu.gateware.rng import LaneRNG
+
+from .streams import simulate
 
 
 @pytest.mark.parametrize("degree,latency", [(8, 3), (8, 2), (8, 4), (4, 3), (5, 3), (1, 3), (2, 3), (7, 2)])
@@ -49,10 +50,7 @@ def test_spin_sum_compares_the_signed_sum_with_theta(degree, latency):
                 assert ctx.get(dut.spin) == int(sums[j] >= targets[j]), (j, sums[j], targets[j])
             await ctx.tick()
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench, name=f"spin_sum_{degree}_{latency}")
 
 
 def test_threshold_covers_every_cell_of_the_table():
@@ -87,10 +85,7 @@ def test_threshold_covers_every_cell_of_the_table():
                 assert ctx.get(dut.theta) == want_z[j] - biases[j] - borrows[j], j
             await ctx.tick()
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench, name="threshold_table")
 
 
 def _instances(fragment):
