@@ -285,7 +285,10 @@ class Fabric(wiring.Component):
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
-        use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
+        # Write data: the bus word, else the read data (+ increments). While idle only the bus writes the
+        # scratch, and while running it never does, so this is `~running`: a flip-flop of its own beside
+        # `running`, placed by the adders, rather than a LUT on the bus decode that reached every carry cell.
+        use_bus_data = Signal(init=1)
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
         increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
@@ -659,6 +662,10 @@ class Fabric(wiring.Component):
                     goto("FETCH0")
 
         with state("TAKE"):
+            # The sweeps between takes are counted from `thin`, loaded on every cycle of a pass: TAKE never
+            # looks at the count, and loading it whatever the pass decides keeps the decision off its LUTs.
+            request(sweeps_from_thin)
+            m.d.sync += sweeps_last.eq(thin_one)
             end_of_pass = Signal()
             if self._moments:
                 m.d.comb += next_addr.eq(scratch_address("moments", Cat(phase[0], frame, kind)))
@@ -704,8 +711,7 @@ class Fabric(wiring.Component):
                 m.d.sync += moment_pass.eq(0)
                 with m.If(takes_more & ~stop_request):
                     request(take_done)
-                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0), sweeps_last.eq(thin_one)]
-                    request(sweeps_from_thin)
+                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
                     goto("TAKE_SWEEPS")
                 with m.Else():
                     goto("FETCH0")
@@ -719,7 +725,7 @@ class Fabric(wiring.Component):
             m.d.sync += after_drain.eq(AFTER_END)
             goto("DRAIN")
         with state("STOPPED"):
-            m.d.sync += running.eq(0)
+            m.d.sync += [running.eq(0), use_bus_data.eq(1)]
             goto("IDLE")
         sweep_done = front_advance & f_tau_last
         for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
@@ -771,11 +777,6 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
-        # The adders' load input reaches every carry cell: it is one LUT from a flip-flop.
-        scratch_write = Signal()
-        scratch_regions = (Region.PARAMS, Region.CLAMPS, Region.SEEDS)
-        m.d.sync += scratch_write.eq(self.bus.w_en & reduce(operator.or_, (bus_region == r for r in scratch_regions)))
-        m.d.comb += use_bus_data.eq(scratch_write & ~running)
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
@@ -822,7 +823,7 @@ class Fabric(wiring.Component):
             with m.Switch(offset[:reg_bits]):
                 with m.Case(Reg.CONTROL):
                     with m.If(bus_w_data[_bit(Control.START)] & ~running):
-                        m.d.sync += [start_pulse.eq(1), running.eq(1)]
+                        m.d.sync += [start_pulse.eq(1), running.eq(1), use_bus_data.eq(0)]
                     m.d.sync += stop_pulse.eq(bus_w_data[_bit(Control.STOP)])
                 with m.Case(Reg.FLAGS):
                     m.d.sync += flags.eq(bus_w_data[:8])
