@@ -285,10 +285,7 @@ class Fabric(wiring.Component):
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
-        # Write data: the bus word, else the read data (+ increments). While idle only the bus writes the
-        # scratch, and while running it never does, so this is `~running`: a flip-flop of its own beside
-        # `running`, placed by the adders, rather than a LUT on the bus decode that reached every carry cell.
-        use_bus_data = Signal(init=1)
+        use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
         increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
@@ -725,7 +722,7 @@ class Fabric(wiring.Component):
             m.d.sync += after_drain.eq(AFTER_END)
             goto("DRAIN")
         with state("STOPPED"):
-            m.d.sync += [running.eq(0), use_bus_data.eq(1)]
+            m.d.sync += running.eq(0)
             goto("IDLE")
         sweep_done = front_advance & f_tau_last
         for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
@@ -777,6 +774,13 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
+        # The adders' load input reaches every carry cell, so it is a flip-flop: a scratch write arriving
+        # while the sequencer will not be running next cycle (it is idle and no START is being taken, or
+        # it is stopping). Its init is 0: an init-1 flip-flop costs an inverting LUT on its output.
+        scratch_region = reduce(operator.or_, (bus_region == r for r in (Region.PARAMS, Region.CLAMPS, Region.SEEDS)))
+        start_taken = (write_to[Region.REGS] & is_register & (offset[:reg_bits] == Reg.CONTROL) &
+                       bus_w_data[_bit(Control.START)])
+        m.d.sync += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
@@ -823,7 +827,7 @@ class Fabric(wiring.Component):
             with m.Switch(offset[:reg_bits]):
                 with m.Case(Reg.CONTROL):
                     with m.If(bus_w_data[_bit(Control.START)] & ~running):
-                        m.d.sync += [start_pulse.eq(1), running.eq(1), use_bus_data.eq(0)]
+                        m.d.sync += [start_pulse.eq(1), running.eq(1)]
                     m.d.sync += stop_pulse.eq(bus_w_data[_bit(Control.STOP)])
                 with m.Case(Reg.FLAGS):
                     m.d.sync += flags.eq(bus_w_data[:8])
