@@ -470,7 +470,9 @@ class Fabric(wiring.Component):
         run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
         op_next = Signal()                  # op_index + 1
         front_restart = Signal()            # f_tau = 0
-        front_advance = Signal()            # f_tau + 1, wrapping; a sweep ends at the wrap
+        # f_tau + 1, wrapping; a sweep ends at the wrap. The front advances on every cycle of the states that
+        # feed the stream, so this is `f_valid`, a flip-flop, and f_tau's enable and reset are one LUT deep.
+        front_advance = f_valid
         sweeps_from_arg = Signal()          # sweeps_left = op_arg
         sweeps_from_thin = Signal()         # sweeps_left = thin
         thin_from_arg = Signal()            # thin = op_arg
@@ -492,8 +494,8 @@ class Fabric(wiring.Component):
             m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
-            """Move the stream front to the next τ; at the end of a sweep count it."""
-            request(front_advance)
+            """In a state feeding the stream, where the front moves to the next τ (`front_advance`): keep
+            `f_tau_last` with it, and at the end of a sweep count it."""
             m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
                 m.d.sync += sweeps_last.eq(sweeps_left == 2)
