@@ -470,7 +470,9 @@ class Fabric(wiring.Component):
         run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
         op_next = Signal()                  # op_index + 1
         front_restart = Signal()            # f_tau = 0
-        front_advance = Signal()            # f_tau + 1, wrapping; a sweep ends at the wrap
+        # f_tau + 1, wrapping; a sweep ends at the wrap. The front advances on every cycle of the states that
+        # feed the stream, so this is `f_valid`, a flip-flop, and f_tau's enable and reset are one LUT deep.
+        front_advance = f_valid
         sweeps_from_arg = Signal()          # sweeps_left = op_arg
         sweeps_from_thin = Signal()         # sweeps_left = thin
         thin_from_arg = Signal()            # thin = op_arg
@@ -492,8 +494,8 @@ class Fabric(wiring.Component):
             m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
-            """Move the stream front to the next τ; at the end of a sweep count it."""
-            request(front_advance)
+            """In a state feeding the stream, where the front moves to the next τ (`front_advance`): keep
+            `f_tau_last` with it, and at the end of a sweep count it."""
             m.d.sync += f_tau_last.eq(f_tau == C - 2 if C >= 2 else 1)
             with m.If(f_tau_last):
                 m.d.sync += sweeps_last.eq(sweeps_left == 2)
@@ -659,6 +661,10 @@ class Fabric(wiring.Component):
                     goto("FETCH0")
 
         with state("TAKE"):
+            # The sweeps between takes are counted from `thin`, loaded on every cycle of a pass: TAKE never
+            # looks at the count, and loading it whatever the pass decides keeps the decision off its LUTs.
+            request(sweeps_from_thin)
+            m.d.sync += sweeps_last.eq(thin_one)
             end_of_pass = Signal()
             if self._moments:
                 m.d.comb += next_addr.eq(scratch_address("moments", Cat(phase[0], frame, kind)))
@@ -704,8 +710,7 @@ class Fabric(wiring.Component):
                 m.d.sync += moment_pass.eq(0)
                 with m.If(takes_more & ~stop_request):
                     request(take_done)
-                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0), sweeps_last.eq(thin_one)]
-                    request(sweeps_from_thin)
+                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
                     goto("TAKE_SWEEPS")
                 with m.Else():
                     goto("FETCH0")
@@ -771,11 +776,13 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
-        # The adders' load input reaches every carry cell: it is one LUT from a flip-flop.
-        scratch_write = Signal()
-        scratch_regions = (Region.PARAMS, Region.CLAMPS, Region.SEEDS)
-        m.d.sync += scratch_write.eq(self.bus.w_en & reduce(operator.or_, (bus_region == r for r in scratch_regions)))
-        m.d.comb += use_bus_data.eq(scratch_write & ~running)
+        # The adders' load input reaches every carry cell, so it is a flip-flop: a scratch write arriving
+        # while the sequencer will not be running next cycle (it is idle and no START is being taken, or
+        # it is stopping). Its init is 0: an init-1 flip-flop costs an inverting LUT on its output.
+        scratch_region = reduce(operator.or_, (bus_region == r for r in (Region.PARAMS, Region.CLAMPS, Region.SEEDS)))
+        start_taken = (write_to[Region.REGS] & is_register & (offset[:reg_bits] == Reg.CONTROL) &
+                       bus_w_data[_bit(Control.START)])
+        m.d.sync += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 

@@ -41,25 +41,33 @@ class StreamFIFO(wiring.Component):
         bits = (self._depth - 1).bit_length()
         write_ptr = Signal(bits)
         read_ptr = Signal(bits)
-        stored = Signal(range(self._depth + 1))   # words in the RAM, not counting the one on `o`
+        # The count kept is `level` (words held, the one on `o` included) rather than the words in the RAM
+        # alone: `level` is then a flip-flop, not an adder after `out_valid` (whose carry chain was on the
+        # path from `out_valid` into the command engine's response word).
+        level = Signal(range(self._depth + 2))
         out_valid = Signal()                      # the RAM's read register holds the word on `o`
+        top = self._depth.bit_length() - 1        # level[top]: level >= depth
+        full = Signal()                           # depth words in the RAM
+        stored_any = Signal()                     # a word in the RAM
+        m.d.comb += [full.eq(level[top] & (level[0] | ~out_valid)),
+                     stored_any.eq(level[1:].any() | (level[0] & ~out_valid))]
 
         push = Signal()
-        m.d.comb += [self.i.ready.eq(stored < self._depth), push.eq(self.i.valid & self.i.ready)]
+        m.d.comb += [self.i.ready.eq(~full), push.eq(self.i.valid & self.i.ready)]
         m.d.comb += [ram.w_addr.eq(write_ptr), ram.w_data.eq(self.i.payload), ram.w_en.eq(push)]
 
         pop = Signal()
         m.d.comb += [self.o.valid.eq(out_valid), self.o.payload.eq(ram.r_data), pop.eq(self.o.valid & self.o.ready)]
         # Read the next word into the RAM's output register whenever `o` is empty or being taken.
         fetch = Signal()
-        m.d.comb += fetch.eq((stored != 0) & (~out_valid | pop))
+        m.d.comb += fetch.eq(stored_any & (~out_valid | pop))
         m.d.comb += [ram.r_addr.eq(read_ptr), ram.r_en.eq(fetch)]
-        m.d.comb += self.level.eq(stored + out_valid)
+        m.d.comb += self.level.eq(level)
 
         with m.If(self.flush):
-            m.d.sync += [write_ptr.eq(0), read_ptr.eq(0), stored.eq(0), out_valid.eq(0)]
+            m.d.sync += [write_ptr.eq(0), read_ptr.eq(0), level.eq(0), out_valid.eq(0)]
         with m.Else():
-            m.d.sync += stored.eq(stored + push - fetch)
+            m.d.sync += level.eq(level + push - pop)
             with m.If(push):
                 m.d.sync += write_ptr.eq(write_ptr + 1)
             with m.If(fetch):
