@@ -43,6 +43,8 @@ class Device(wiring.Component):
 
     trng : bool           include the ring-oscillator TRNG (its bits reach the lanes only while the run
                           flag ``TRNG_MIX`` is set; in simulation it is the TRNG's oscillator model)
+    identity_rom : bool   keep the command engine's IDENTIFY answer in a block RAM rather than in logic
+                          (for a part with a block RAM to spare: the iCEstick)
 
     Ports
     -----
@@ -58,13 +60,14 @@ class Device(wiring.Component):
     trng_alarm: Out(1)
 
     def __init__(self, geometry: FabricGeometry, *, clock_hz: int, divisor: int, target: str = "generic",
-                 fifo_depth: int = 256, trng: bool = True):
+                 fifo_depth: int = 256, trng: bool = True, identity_rom: bool = False):
         self._g = geometry
         self._clock_hz = clock_hz
         self._divisor = divisor
         self._target = target
         self._fifo_depth = fifo_depth
         self._trng = trng
+        self._identity_rom = bool(identity_rom)
         self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng)
         super().__init__()
 
@@ -77,7 +80,8 @@ class Device(wiring.Component):
         g = self._g
         m.submodules.uart_rx = uart_rx = UARTRx(self._divisor)
         m.submodules.uart_tx = uart_tx = UARTTx(self._divisor)
-        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor)
+        rom = ("generic" if self._target == "generic" else "ice40") if self._identity_rom else None
+        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor, rom=rom)
         m.submodules.fabric = fabric = Fabric(g, target=self._target)
         m.submodules.fifo = fifo = StreamFIFO(8 * self._identity.sample_word_bytes, self._fifo_depth,
                                               target="generic" if self._target == "generic" else "ice40")

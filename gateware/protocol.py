@@ -24,6 +24,7 @@ from opentsu.protocol import (ADDRESS_BYTES, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD
                               StatusReport, crc16, word_bytes)
 
 from .fabric import BusSignature
+from .ram import RAM, TARGETS as RAM_TARGETS
 
 __all__ = ["CommandEngine", "crc16_update", "region_table"]
 
@@ -180,6 +181,9 @@ class CommandEngine(wiring.Component):
         Sent in answer to IDENTIFY; its fabric fields size the region table (``region_table``).
     divisor : int
         Clock cycles per UART bit, for the inter-byte timeout (``TIMEOUT_BIT_TIMES`` bit times).
+    rom : str or None
+        Where the IDENTIFY answer is kept: ``None`` in logic, or a ``gateware.ram`` target
+        (``"ice40"``: one block RAM, for parts with one to spare).
 
     Ports
     -----
@@ -205,7 +209,7 @@ class CommandEngine(wiring.Component):
     from the payload as it arrives).
     """
 
-    def __init__(self, identity: Identity, divisor: int):
+    def __init__(self, identity: Identity, divisor: int, rom: str | None = None):
         if not isinstance(identity, Identity):
             raise TypeError(f"a command engine needs an Identity, not {identity!r}")
         if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
@@ -217,8 +221,11 @@ class CommandEngine(wiring.Component):
             if readable and wbytes not in (1, 2, 4):
                 raise ValueError(f"region {region.name} is readable, but its {wbytes}-byte words are not a "
                                  f"power of two of bytes of the bus's 32-bit read data")
+        if rom is not None and rom not in RAM_TARGETS:
+            raise ValueError(f"unknown identity ROM target {rom!r}; choose None or one of {RAM_TARGETS}")
         self._id = identity
         self._divisor = divisor
+        self._rom = rom
         self._regions = regions
         super().__init__({
             "rx": In(stream.Signature(8)),
@@ -532,9 +539,14 @@ class CommandEngine(wiring.Component):
                                            SAMPLE_INDEX_BYTES + self._id.fifo_depth * swb) + 1))
         id_byte = Signal(8)                     # identity byte n from the end, a cycle late
         id_bits = len(identity).bit_length()
-        m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
-                                               for k, value in enumerate(identity)), 1 << id_bits)
-                                     .bit_select(n[:id_bits], 1) for j in range(8))))
+        if self._rom is None:
+            m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
+                                                   for k, value in enumerate(identity)), 1 << id_bits)
+                                         .bit_select(n[:id_bits], 1) for j in range(8))))
+        else:
+            m.submodules.identity_rom = rom = RAM(8, 1 << id_bits, target=self._rom,
+                                                  init=[0, *reversed(identity)])
+            m.d.comb += [rom.r_addr.eq(n[:id_bits]), rom.r_en.eq(1), id_byte.eq(rom.r_data)]
 
         # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; a counter
         # is sent from ring[0] when its turn comes round; the engine's other fields are packed into fields
