@@ -135,7 +135,7 @@ class Fabric(wiring.Component):
     primitives) or ``"ice40-up5k"`` (EBR, with the scratch banks in SPRAM). ``moments`` builds the
     on-chip moment counters (``devicemap`` MOMENTS, the ACCUMULATE op); by default on every target but
     ``"ice40"``, whose scratch banks are EBRs with no room for them. Without them ACCUMULATE is a bad
-    sequence and MOMENTS reads 0.
+    sequence, and MOMENTS and the MOMENT_SAMPLES register read 0.
 
     Ports
     -----
@@ -727,7 +727,10 @@ class Fabric(wiring.Component):
             m.d.sync += running.eq(0)
             goto("IDLE")
         sweep_done = front_advance & f_tau_last
-        for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
+        counters = [(op_index, op_next), (sweeps_count, sweep_done)]
+        if self._moments:                   # without the counters MOMENT_SAMPLES reads 0
+            counters.append((moment_samples, sample_done))
+        for reg, count in counters:
             with m.If(run_start):
                 m.d.sync += reg.eq(0)
             with m.Elif(count):
