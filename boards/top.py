@@ -18,6 +18,7 @@ from amaranth_boards.icestick import ICEStickPlatform
 
 from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 from opentsu.gateware.device import Device, identity_of
+from opentsu.gateware.fabric import Fabric
 from opentsu.gateware.uart import baud_divisor
 
 from .pll import PLL, pll_parameters
@@ -163,7 +164,8 @@ class BoardTop(wiring.Component):
         """What the built device answers to IDENTIFY."""
         if self._device is not None:
             return self._device.identity
-        return identity_of(self._geometry, self._clock_hz, self._divisor, self._fifo_depth, trng=self._trng)
+        return identity_of(self._geometry, self._clock_hz, self._divisor, self._fifo_depth, trng=self._trng,
+                           moments=Fabric.builds_moments(self._board.target))
 
     @property
     def has_trng(self) -> bool:

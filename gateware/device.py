@@ -21,13 +21,14 @@ from .uart import UARTRx, UARTTx
 __all__ = ["Device", "identity_of"]
 
 
-def identity_of(geometry: FabricGeometry, clock_hz: int, divisor: int, fifo_depth: int, trng: bool) -> Identity:
+def identity_of(geometry: FabricGeometry, clock_hz: int, divisor: int, fifo_depth: int, trng: bool,
+                moments: bool = True) -> Identity:
     """What a device built with these parameters answers to IDENTIFY."""
     cfg = geometry.config
     return Identity(version=PROTOCOL_VERSION, rows=cfg.rows, cols=cfg.cols, jumps=geometry.grid.jumps,
                     lanes=cfg.lanes, latency=cfg.latency, cycles=geometry.cycles, degree=geometry.degree,
                     layers=cfg.layers, sequence_depth=SEQUENCE_DEPTH, sample_word_bytes=(cfg.lanes + 7) // 8,
-                    fifo_depth=fifo_depth, clock_hz=clock_hz, divisor=divisor, trng=trng)
+                    fifo_depth=fifo_depth, clock_hz=clock_hz, divisor=divisor, trng=trng, moments=moments)
 
 
 class Device(wiring.Component):
@@ -39,7 +40,8 @@ class Device(wiring.Component):
     clock_hz : int        the ``sync`` clock, reported by IDENTIFY
     divisor : int         clock cycles per UART bit
     target : str          memory primitives (``Fabric.TARGETS``)
-    fifo_depth : int      capture words buffered for SAMPLES
+    fifo_depth : int      capture words buffered for SAMPLES (the fabric has the on-chip moment counters
+                          where ``Fabric.builds_moments(target)``; IDENTIFY reports them)
 
     trng : bool           include the ring-oscillator TRNG (its bits reach the lanes only while the run
                           flag ``TRNG_MIX`` is set; in simulation it is the TRNG's oscillator model)
@@ -68,7 +70,8 @@ class Device(wiring.Component):
         self._fifo_depth = fifo_depth
         self._trng = trng
         self._identity_rom = bool(identity_rom)
-        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng)
+        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng,
+                                     moments=Fabric.builds_moments(target))
         super().__init__()
 
     @property

@@ -157,7 +157,7 @@ class Fabric(wiring.Component):
             raise ValueError(f"a fabric seeds at most 16 lanes from one scratch word, not {geometry.lanes}")
         self._g = geometry
         self._target = target
-        self._moments = target != "ice40" if moments is None else bool(moments)
+        self._moments = self.builds_moments(target) if moments is None else bool(moments)
         super().__init__({
             "bus": In(BusSignature),
             "samples": Out(stream.Signature(geometry.lanes)),
@@ -167,6 +167,11 @@ class Fabric(wiring.Component):
         })
 
     AREAS = {"bias": 0, "seed": 1, "params": 2, "clamps": 3, "moments": 4}
+
+    @staticmethod
+    def builds_moments(target: str) -> bool:
+        """Whether a fabric for ``target`` has the moment counters by default."""
+        return target != "ice40"
 
     @staticmethod
     def scratch_layout(geometry: FabricGeometry, moments: bool = True) -> tuple[int, int, int]:
