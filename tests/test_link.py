@@ -380,3 +380,15 @@ def test_moments_on_a_device_without_the_counters_is_refused_before_anything_run
     with pytest.raises(MissingFeature, match="without the on-chip moment counters"):
         device.read_moments(program)
     assert Command.WRITE not in script.commands and Command.START not in script.commands
+
+
+def test_cli_moments_on_a_board_without_the_counters_is_a_usage_error(model_file, tmp_path, pty_device, capsys):
+    program = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric="icestick")
+    config = program.geometry.config
+    script = Script(identity_for(config, program.geometry.cycles, program.geometry.degree, moments=False))
+    out = tmp_path / "moments.npz"
+    code, err, _ = run_cli(["moments", str(model_file), "-o", str(out), "--backend", "board", "--fabric", "icestick",
+                            "--port", pty_device(script), "-n", "4"], capsys)
+    assert code == 2 and "without the on-chip moment counters" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert Command.WRITE not in script.commands and Command.START not in script.commands
