@@ -39,9 +39,9 @@ class Device(wiring.Component):
     geometry : FabricGeometry
     clock_hz : int        the ``sync`` clock, reported by IDENTIFY
     divisor : int         clock cycles per UART bit
-    target : str          memory primitives (``Fabric.TARGETS``)
-    fifo_depth : int      capture words buffered for SAMPLES (the fabric has the on-chip moment counters
-                          where ``Fabric.builds_moments(target)``; IDENTIFY reports them)
+    target : str          memory primitives (``Fabric.TARGETS``); the fabric has the on-chip moment
+                          counters where ``Fabric.builds_moments(target)``, and IDENTIFY says so
+    fifo_depth : int      capture words buffered for SAMPLES
 
     trng : bool           include the ring-oscillator TRNG (its bits reach the lanes only while the run
                           flag ``TRNG_MIX`` is set; in simulation it is the TRNG's oscillator model)
