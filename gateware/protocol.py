@@ -265,7 +265,9 @@ class CommandEngine(wiring.Component):
         # ================================================================ request parser
         byte = self.rx.payload
 
-        code, seq = Signal(8), Signal(8)
+        # The code keeps only the bits a command needs; `code_high` remembers whether any above them is set.
+        code, seq = Signal(max(Command).bit_length()), Signal(8)
+        code_high = Signal()
         start_code = Signal()
         length = Signal(range(P + 1))
         align = Signal(4)
@@ -339,7 +341,8 @@ class CommandEngine(wiring.Component):
             return body
 
         def code_byte():
-            m.d.sync += [code.eq(byte), start_code.eq(byte == Command.START)]
+            m.d.sync += [code.eq(byte), code_high.eq(byte[len(code):].any()),
+                         start_code.eq(byte == Command.START)]
             parser.next = "SEQ"
         frame_state("CODE", code_byte)
         frame_state("SEQ", header(seq, "LEN0"))
@@ -631,9 +634,9 @@ class CommandEngine(wiring.Component):
                 m.d.comb += taken.eq(1)
                 m.d.sync += [flag.eq(length == size) for size, flag in length_is.items()]
                 m.d.sync += [x_seq.eq(seq), result.eq(early), hold.eq(1),
-                             known.eq(Cat(*(code == c for c in Command)).any()), xcount.eq(align),
+                             known.eq(~code_high & Cat(*(code == c for c in Command)).any()), xcount.eq(align),
                              xshift.eq(align != 0)]
-                m.d.sync += [flag.eq(code == c) for c, flag in command.items()]
+                m.d.sync += [flag.eq(~code_high & (code == c)) for c, flag in command.items()]
                 with m.If(early != Result.OK):
                     executor.next = "REJECT"
                 with m.Else():
