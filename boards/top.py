@@ -18,6 +18,7 @@ from amaranth_boards.icestick import ICEStickPlatform
 
 from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 from opentsu.gateware.device import Device, identity_of
+from opentsu.gateware.fabric import Fabric
 from opentsu.gateware.uart import baud_divisor
 
 from .pll import PLL, pll_parameters
@@ -42,7 +43,8 @@ class Board:
     :data:`UART_BAUD` so the UART divisor is exact, and one the fabric closes timing at on this part.
     ``pll_pad`` uses ``SB_PLL40_PAD`` on the clock pin (the pin is the PLL's dedicated input), otherwise
     ``SB_PLL40_CORE`` after the pin's global buffer. ``extra_resources`` names a platform attribute with
-    resources to add (the iCEBreaker's snap-off PMOD).
+    resources to add (the iCEBreaker's snap-off PMOD). ``identity_rom`` keeps the command engine's IDENTIFY
+    answer in a block RAM (on a part with one to spare) rather than in logic cells.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Board:
     leds: dict = field(default_factory=dict)
     fifo_depth: int = 256
     extra_resources: str | None = None
+    identity_rom: bool = False
     description: str = ""
 
     def make_platform(self):
@@ -95,7 +98,7 @@ BOARDS = {
         clock_hz=48_000_000, pll_pad=False,
         # led 0–3 are the red LEDs round the edge, led 4 the green one in the middle.
         leds={"running": ("led", 4), "error": ("led", 0), "alarm": ("led", 1), "heartbeat": ("led", 2)},
-        fifo_depth=128,
+        fifo_depth=128, identity_rom=True,
         description="Lattice iCEstick (iCE40HX1K-TQ144): EBR weights",
     ),
 }
@@ -161,7 +164,8 @@ class BoardTop(wiring.Component):
         """What the built device answers to IDENTIFY."""
         if self._device is not None:
             return self._device.identity
-        return identity_of(self._geometry, self._clock_hz, self._divisor, self._fifo_depth, trng=self._trng)
+        return identity_of(self._geometry, self._clock_hz, self._divisor, self._fifo_depth, trng=self._trng,
+                           moments=Fabric.builds_moments(self._board.target))
 
     @property
     def has_trng(self) -> bool:
@@ -194,7 +198,8 @@ class BoardTop(wiring.Component):
 
         # The device on the USB serial port.
         self._device = device = Device(self._geometry, clock_hz=self._clock_hz, divisor=self._divisor,
-                                       target=board.target, fifo_depth=self._fifo_depth, trng=self._trng)
+                                       target=board.target, fifo_depth=self._fifo_depth, trng=self._trng,
+                                       identity_rom=board.identity_rom)
         m.submodules.device = device
         uart = platform.request("uart", 0, dir="-")
         m.submodules.uart_rx = rx_buf = io.Buffer("i", uart.rx)

@@ -21,13 +21,14 @@ from .uart import UARTRx, UARTTx
 __all__ = ["Device", "identity_of"]
 
 
-def identity_of(geometry: FabricGeometry, clock_hz: int, divisor: int, fifo_depth: int, trng: bool) -> Identity:
+def identity_of(geometry: FabricGeometry, clock_hz: int, divisor: int, fifo_depth: int, trng: bool,
+                moments: bool = True) -> Identity:
     """What a device built with these parameters answers to IDENTIFY."""
     cfg = geometry.config
     return Identity(version=PROTOCOL_VERSION, rows=cfg.rows, cols=cfg.cols, jumps=geometry.grid.jumps,
                     lanes=cfg.lanes, latency=cfg.latency, cycles=geometry.cycles, degree=geometry.degree,
                     layers=cfg.layers, sequence_depth=SEQUENCE_DEPTH, sample_word_bytes=(cfg.lanes + 7) // 8,
-                    fifo_depth=fifo_depth, clock_hz=clock_hz, divisor=divisor, trng=trng)
+                    fifo_depth=fifo_depth, clock_hz=clock_hz, divisor=divisor, trng=trng, moments=moments)
 
 
 class Device(wiring.Component):
@@ -38,11 +39,14 @@ class Device(wiring.Component):
     geometry : FabricGeometry
     clock_hz : int        the ``sync`` clock, reported by IDENTIFY
     divisor : int         clock cycles per UART bit
-    target : str          memory primitives (``Fabric.TARGETS``)
+    target : str          memory primitives (``Fabric.TARGETS``); the fabric has the on-chip moment
+                          counters where ``Fabric.builds_moments(target)``, and IDENTIFY says so
     fifo_depth : int      capture words buffered for SAMPLES
 
     trng : bool           include the ring-oscillator TRNG (its bits reach the lanes only while the run
                           flag ``TRNG_MIX`` is set; in simulation it is the TRNG's oscillator model)
+    identity_rom : bool   keep the command engine's IDENTIFY answer in a block RAM rather than in logic
+                          (for a part with a block RAM to spare: the iCEstick)
 
     Ports
     -----
@@ -58,14 +62,16 @@ class Device(wiring.Component):
     trng_alarm: Out(1)
 
     def __init__(self, geometry: FabricGeometry, *, clock_hz: int, divisor: int, target: str = "generic",
-                 fifo_depth: int = 256, trng: bool = True):
+                 fifo_depth: int = 256, trng: bool = True, identity_rom: bool = False):
         self._g = geometry
         self._clock_hz = clock_hz
         self._divisor = divisor
         self._target = target
         self._fifo_depth = fifo_depth
         self._trng = trng
-        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng)
+        self._identity_rom = bool(identity_rom)
+        self._identity = identity_of(geometry, clock_hz, divisor, fifo_depth, trng=trng,
+                                     moments=Fabric.builds_moments(target))
         super().__init__()
 
     @property
@@ -77,7 +83,8 @@ class Device(wiring.Component):
         g = self._g
         m.submodules.uart_rx = uart_rx = UARTRx(self._divisor)
         m.submodules.uart_tx = uart_tx = UARTTx(self._divisor)
-        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor)
+        rom = ("generic" if self._target == "generic" else "ice40") if self._identity_rom else None
+        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor, rom=rom)
         m.submodules.fabric = fabric = Fabric(g, target=self._target)
         m.submodules.fifo = fifo = StreamFIFO(8 * self._identity.sample_word_bytes, self._fifo_depth,
                                               target="generic" if self._target == "generic" else "ice40")

@@ -135,7 +135,7 @@ class Fabric(wiring.Component):
     primitives) or ``"ice40-up5k"`` (EBR, with the scratch banks in SPRAM). ``moments`` builds the
     on-chip moment counters (``devicemap`` MOMENTS, the ACCUMULATE op); by default on every target but
     ``"ice40"``, whose scratch banks are EBRs with no room for them. Without them ACCUMULATE is a bad
-    sequence and MOMENTS reads 0.
+    sequence, and MOMENTS and the MOMENT_SAMPLES register read 0.
 
     Ports
     -----
@@ -157,7 +157,7 @@ class Fabric(wiring.Component):
             raise ValueError(f"a fabric seeds at most 16 lanes from one scratch word, not {geometry.lanes}")
         self._g = geometry
         self._target = target
-        self._moments = target != "ice40" if moments is None else bool(moments)
+        self._moments = self.builds_moments(target) if moments is None else bool(moments)
         super().__init__({
             "bus": In(BusSignature),
             "samples": Out(stream.Signature(geometry.lanes)),
@@ -167,6 +167,11 @@ class Fabric(wiring.Component):
         })
 
     AREAS = {"bias": 0, "seed": 1, "params": 2, "clamps": 3, "moments": 4}
+
+    @staticmethod
+    def builds_moments(target: str) -> bool:
+        """Whether a fabric for ``target`` has the moment counters by default."""
+        return target != "ice40"
 
     @staticmethod
     def scratch_layout(geometry: FabricGeometry, moments: bool = True) -> tuple[int, int, int]:
@@ -727,7 +732,10 @@ class Fabric(wiring.Component):
             m.d.sync += running.eq(0)
             goto("IDLE")
         sweep_done = front_advance & f_tau_last
-        for reg, count in ((op_index, op_next), (sweeps_count, sweep_done), (moment_samples, sample_done)):
+        counters = [(op_index, op_next), (sweeps_count, sweep_done)]
+        if self._moments:                   # without the counters MOMENT_SAMPLES reads 0
+            counters.append((moment_samples, sample_done))
+        for reg, count in counters:
             with m.If(run_start):
                 m.d.sync += reg.eq(0)
             with m.Elif(count):

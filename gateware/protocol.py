@@ -24,6 +24,7 @@ from opentsu.protocol import (ADDRESS_BYTES, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD
                               StatusReport, crc16, word_bytes)
 
 from .fabric import BusSignature
+from .ram import RAM, TARGETS as RAM_TARGETS
 
 __all__ = ["CommandEngine", "crc16_update", "region_table"]
 
@@ -180,6 +181,9 @@ class CommandEngine(wiring.Component):
         Sent in answer to IDENTIFY; its fabric fields size the region table (``region_table``).
     divisor : int
         Clock cycles per UART bit, for the inter-byte timeout (``TIMEOUT_BIT_TIMES`` bit times).
+    rom : str or None
+        Where the IDENTIFY answer is kept: ``None`` in logic, or a ``gateware.ram`` target
+        (``"ice40"``: one block RAM, for parts with one to spare).
 
     Ports
     -----
@@ -205,7 +209,7 @@ class CommandEngine(wiring.Component):
     from the payload as it arrives).
     """
 
-    def __init__(self, identity: Identity, divisor: int):
+    def __init__(self, identity: Identity, divisor: int, rom: str | None = None):
         if not isinstance(identity, Identity):
             raise TypeError(f"a command engine needs an Identity, not {identity!r}")
         if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
@@ -217,8 +221,11 @@ class CommandEngine(wiring.Component):
             if readable and wbytes not in (1, 2, 4):
                 raise ValueError(f"region {region.name} is readable, but its {wbytes}-byte words are not a "
                                  f"power of two of bytes of the bus's 32-bit read data")
+        if rom is not None and rom not in RAM_TARGETS:
+            raise ValueError(f"unknown identity ROM target {rom!r}; choose None or one of {RAM_TARGETS}")
         self._id = identity
         self._divisor = divisor
+        self._rom = rom
         self._regions = regions
         super().__init__({
             "rx": In(stream.Signature(8)),
@@ -258,7 +265,9 @@ class CommandEngine(wiring.Component):
         # ================================================================ request parser
         byte = self.rx.payload
 
-        code, seq = Signal(8), Signal(8)
+        # The code keeps only the bits a command needs; `code_high` remembers whether any above them is set.
+        code, seq = Signal(max(Command).bit_length()), Signal(8)
+        code_high = Signal()
         start_code = Signal()
         length = Signal(range(P + 1))
         align = Signal(4)
@@ -332,7 +341,8 @@ class CommandEngine(wiring.Component):
             return body
 
         def code_byte():
-            m.d.sync += [code.eq(byte), start_code.eq(byte == Command.START)]
+            m.d.sync += [code.eq(byte), code_high.eq(byte[len(code):].any()),
+                         start_code.eq(byte == Command.START)]
             parser.next = "SEQ"
         frame_state("CODE", code_byte)
         frame_state("SEQ", header(seq, "LEN0"))
@@ -532,9 +542,14 @@ class CommandEngine(wiring.Component):
                                            SAMPLE_INDEX_BYTES + self._id.fifo_depth * swb) + 1))
         id_byte = Signal(8)                     # identity byte n from the end, a cycle late
         id_bits = len(identity).bit_length()
-        m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
-                                               for k, value in enumerate(identity)), 1 << id_bits)
-                                     .bit_select(n[:id_bits], 1) for j in range(8))))
+        if self._rom is None:
+            m.d.sync += id_byte.eq(Cat(*(Const(sum((value >> j & 1) << (len(identity) - k)
+                                                   for k, value in enumerate(identity)), 1 << id_bits)
+                                         .bit_select(n[:id_bits], 1) for j in range(8))))
+        else:
+            m.submodules.identity_rom = rom = RAM(8, 1 << id_bits, target=self._rom,
+                                                  init=[0, *reversed(identity)])
+            m.d.comb += [rom.r_addr.eq(n[:id_bits]), rom.r_en.eq(1), id_byte.eq(rom.r_data)]
 
         # STATUS, elaborated from StatusReport.FIELDS: fabric registers are read over the bus; a counter
         # is sent from ring[0] when its turn comes round; the engine's other fields are packed into fields
@@ -619,9 +634,9 @@ class CommandEngine(wiring.Component):
                 m.d.comb += taken.eq(1)
                 m.d.sync += [flag.eq(length == size) for size, flag in length_is.items()]
                 m.d.sync += [x_seq.eq(seq), result.eq(early), hold.eq(1),
-                             known.eq(Cat(*(code == c for c in Command)).any()), xcount.eq(align),
+                             known.eq(~code_high & Cat(*(code == c for c in Command)).any()), xcount.eq(align),
                              xshift.eq(align != 0)]
-                m.d.sync += [flag.eq(code == c) for c, flag in command.items()]
+                m.d.sync += [flag.eq(~code_high & (code == c)) for c, flag in command.items()]
                 with m.If(early != Result.OK):
                     executor.next = "REJECT"
                 with m.Else():

@@ -33,16 +33,22 @@ class RAM(wiring.Component):
     w_addr, w_data : In
     w_en : In(width // granularity)   one enable per granule, written at the end of the cycle
 
-    Reading and writing the same word in one cycle gives an undefined read value.
+    Reading and writing the same word in one cycle gives an undefined read value. ``init`` gives the
+    words' initial values (the rest are 0); with ``w_en`` tied low the RAM is a ROM.
     """
 
-    def __init__(self, width: int, depth: int, granularity: int | None = None, target: str = "generic"):
+    def __init__(self, width: int, depth: int, granularity: int | None = None, target: str = "generic",
+                 init=()):
         granularity = granularity or width
         if width < 1 or depth < 1 or width % granularity:
             raise ValueError(f"bad RAM shape: width {width}, depth {depth}, granularity {granularity}")
         if target not in TARGETS:
             raise ValueError(f"unknown RAM target {target!r}; choose from {TARGETS}")
+        init = [int(word) for word in init]
+        if len(init) > depth or any(not 0 <= word < 1 << width for word in init):
+            raise ValueError(f"RAM init {init!r} does not fit {depth} words of {width} bits")
         self._width, self._depth, self._granularity, self._target = width, depth, granularity, target
+        self._init = init
         super().__init__({
             "r_addr": In(range(depth)),
             "r_en": In(1),
@@ -60,7 +66,7 @@ class RAM(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         if self._target == "generic":
-            mem = Memory(shape=self._width, depth=self._depth, init=[])
+            mem = Memory(shape=self._width, depth=self._depth, init=self._init)
             m.submodules.mem = mem
             rd = mem.read_port()
             wr = mem.write_port(granularity=self._granularity)
@@ -85,9 +91,14 @@ class RAM(wiring.Component):
             row_data = Signal(padded, name=f"row{row}_data")
             for col in range(columns):
                 bits = slice(col * EBR_WIDTH, (col + 1) * EBR_WIDTH)
+                words = [(word >> bits.start) & ((1 << EBR_WIDTH) - 1)
+                         for word in self._init[row * EBR_DEPTH:(row + 1) * EBR_DEPTH]]
+                inits = {f"p_INIT_{k:X}": Const(sum(word << (EBR_WIDTH * j) for j, word in
+                                                    enumerate(words[16 * k:16 * (k + 1)])), 256)
+                         for k in range(16) if any(words[16 * k:16 * (k + 1)])}
                 m.submodules[f"ebr_{row}_{col}"] = Instance(
                     "SB_RAM40_4K",
-                    p_READ_MODE=0, p_WRITE_MODE=0,
+                    p_READ_MODE=0, p_WRITE_MODE=0, **inits,
                     i_RADDR=_ebr_address(self.r_addr), i_RCLK=ClockSignal(),
                     i_RCLKE=self.r_en & selected_r, i_RE=Const(1, 1), o_RDATA=row_data[bits],
                     i_WADDR=_ebr_address(self.w_addr), i_WDATA=wdata[bits], i_MASK=wmask[bits],

@@ -38,7 +38,7 @@ def open_device(backend: str, program, port: str | None = None):
 
     The device is reset (stopped, sample FIFO emptied) and checked against the program's fabric.
     """
-    from .link import DeviceRejected, LinkError, ProgramMismatch
+    from .link import DeviceRejected, LinkError, MissingFeature, ProgramMismatch
     if backend == "board" and not port:
         raise UsageError("--backend board needs --port DEV (the board's serial port)")
     if backend not in ("sim", "verilator", "board"):
@@ -58,6 +58,8 @@ def open_device(backend: str, program, port: str | None = None):
         yield device
     except ProgramMismatch as exc:
         raise UsageError(f"{exc}; compile for the board's fabric (--fabric)") from None
+    except MissingFeature as exc:
+        raise UsageError(str(exc)) from None
     except (LinkError, DeviceRejected) as exc:
         raise DeviceError(_describe(exc, backend, port)) from None
     finally:
@@ -156,6 +158,7 @@ def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None):
             parts.append(emu.moments)
         return Moments.concatenate(parts)
     with open_device(backend, program, port) as device:
+        device.require_moments()      # before loading anything
         try:
             device.load_program(program)
             for chain, ops in enumerate(sequences):

@@ -23,7 +23,7 @@ import time
 from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, Command, Flags,
                        FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame, word_bytes)
 
-__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected",
+__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected", "MissingFeature",
            "ProgramMismatch", "FORMATS_REVISION"]
 
 #: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
@@ -44,6 +44,10 @@ class DeviceRejected(Exception):
 
 class ProgramMismatch(Exception):
     """The program targets a fabric other than the device's."""
+
+
+class MissingFeature(Exception):
+    """The device was built without a feature the request needs (``Identity``: TRNG, moment counters)."""
 
 
 # ------------------------------------------------------------------------------------------------- transports
@@ -582,6 +586,8 @@ class Device:
         g = program.geometry
         ident = self.identity
         accumulates = any(op.code is Opcode.ACCUMULATE for op in ops)
+        if accumulates:
+            self.require_moments()
         self.writes(seed_writes(seed, chain, g.lanes) + sequence_writes(ops))
         expected = captures(ops) * g.cycles
         fabric_time = fabric_cycles(ops, g) / ident.clock_hz
@@ -629,11 +635,19 @@ class Device:
     def read_moments(self, program):
         """The on-chip moments of the last run (``emulator.Moments`` of one chain, by fabric node)."""
         from .devicemap import Reg, Region, moments_from_words, region_words
+        self.require_moments()
         g = program.geometry
         count = region_words(Region.MOMENTS, g.lanes, g.cycles, g.degree, g.config.layers)
         words = self.read_words(Region.MOMENTS, 0, count)
         samples = self.read_words(Region.REGS, Reg.MOMENT_SAMPLES, 1)[0]
         return moments_from_words(words, samples, g)
+
+    def require_moments(self) -> None:
+        """Raise ``MissingFeature`` unless the device has the on-chip moment counters (ACCUMULATE, MOMENTS)."""
+        if not self.identity.moments:
+            raise MissingFeature("this device was built without the on-chip moment counters (ACCUMULATE, region "
+                                 "MOMENTS; the iCE40 HX boards leave them out): use `opentsu sample` and count "
+                                 "the moments on the host, or `--backend reference`")
 
     def _fabric_problem(self) -> str:
         if not self.flags & Flags.FABRIC_ERROR:

@@ -201,7 +201,11 @@ def word_bytes(region: Region, degree: int) -> int:
 
 @dataclass(frozen=True)
 class Identity:
-    """What IDENTIFY returns: the protocol version and the build parameters the host needs."""
+    """What IDENTIFY returns: the protocol version and the build parameters the host needs.
+
+    The blob's last byte holds the device's optional features: bit 0 ``trng`` (the ring-oscillator
+    TRNG), bit 1 ``moments`` (the on-chip moment counters: the ACCUMULATE op and region MOMENTS).
+    """
 
     version: int
     rows: int
@@ -219,13 +223,14 @@ class Identity:
     divisor: int
     trng: bool
     formats: int = 1  # opentsu.formats revision: 7-bit weights, PBIT octave rule, xoroshiro64 lanes
+    moments: bool = True
 
     def to_bytes(self) -> bytes:
         out = struct.pack("<BBBB", self.version, self.formats, self.rows, self.cols)
         out += struct.pack("<B", len(self.jumps)) + b"".join(struct.pack("<bb", *j) for j in self.jumps)
         out += struct.pack("<BBHBBHBHIHB", self.lanes, self.latency, self.cycles, self.degree, self.layers,
                            self.sequence_depth, self.sample_word_bytes, self.fifo_depth, self.clock_hz,
-                           self.divisor, int(self.trng))
+                           self.divisor, int(self.trng) | int(self.moments) << 1)
         return out
 
     @classmethod
@@ -236,9 +241,9 @@ class Identity:
             rest = struct.unpack_from("<BBHBBHBHIHB", data, 5 + 2 * n_jumps)
         except struct.error:
             raise ProtocolError("identity blob is truncated") from None
-        (lanes, latency, cycles, degree, layers, depth, sample_bytes, fifo, clock, divisor, trng) = rest
+        (lanes, latency, cycles, degree, layers, depth, sample_bytes, fifo, clock, divisor, features) = rest
         return cls(version, rows, cols, jumps, lanes, latency, cycles, degree, layers, depth, sample_bytes, fifo,
-                   clock, divisor, bool(trng), formats)
+                   clock, divisor, bool(features & 1), formats, bool(features & 2))
 
     def config(self):
         from .fabric import FabricConfig

@@ -120,6 +120,12 @@ def test_board_elaborates_on_its_platform(name):
     assert "cell \\SB_RAM40_4K " in rtlil and "$mem" not in rtlil
 
 
+def test_boards_report_whether_they_have_the_moment_counters():
+    # The HX parts' scratch banks are block RAMs with no room for them (gateware.fabric.Fabric).
+    assert {name: BoardTop(board).identity.moments for name, board in BOARDS.items()} == {
+        "icebreaker": True, "hx8k": False, "icestick": False}
+
+
 def test_lock_reset_holds_reset_until_the_pll_has_been_locked_long_enough():
     dut = LockReset(5)
     trace = []

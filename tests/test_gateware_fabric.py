@@ -243,3 +243,26 @@ def test_threshold_unit_is_the_pbit_rule():
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
+
+
+def test_fabric_without_moment_counters_refuses_accumulate_and_reads_zero():
+    geometry = FabricGeometry(FabricConfig(8, 8, ((0, 1),), lanes=1))
+    dut = Fabric(geometry, moments=False)
+    assert not dut.moments
+
+    async def bench(ctx):
+        for region, offset, value in sequence_writes([Op(Opcode.LOAD, 0), Op(Opcode.ACCUMULATE, 2)]):
+            await bus_write(ctx, dut, region, offset, value)
+        await bus_write(ctx, dut, Region.REGS, Reg.CONTROL, Control.START)
+        for _ in range(2000):
+            await ctx.tick()
+            if not ctx.get(dut.running):
+                break
+        assert (await bus_read(ctx, dut, Region.REGS, Reg.STATUS)) & Status.BAD_SEQUENCE
+        assert await bus_read(ctx, dut, Region.REGS, Reg.MOMENT_SAMPLES) == 0
+        assert await bus_read(ctx, dut, Region.MOMENTS, 0) == 0
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()

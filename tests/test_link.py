@@ -360,3 +360,35 @@ def test_cli_board_samples_through_the_serial_port(model_file, tmp_path, pty_dev
     for row in (1, 3):
         assert np.array_equal(got[row], lane0_only)
     assert script.commands.count(Command.START) == 2
+
+
+def test_identity_reports_the_optional_features():
+    for trng in (False, True):
+        for moments in (False, True):
+            ident = identity_for(CONFIG, 8, 4, trng=trng, moments=moments)
+            back = Identity.from_bytes(ident.to_bytes())
+            assert back == ident and (back.trng, back.moments) == (trng, moments)
+
+
+def test_moments_on_a_device_without_the_counters_is_refused_before_anything_runs(program):
+    from opentsu.link import MissingFeature
+    from opentsu.sequence import moments_sequence
+    script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree, moments=False))
+    device = Device(ScriptedDevice(script))
+    with pytest.raises(MissingFeature, match="without the on-chip moment counters"):
+        device.run(program, moments_sequence(4, 1, 1), seed=1, chain=0)
+    with pytest.raises(MissingFeature, match="without the on-chip moment counters"):
+        device.read_moments(program)
+    assert Command.WRITE not in script.commands and Command.START not in script.commands
+
+
+def test_cli_moments_on_a_board_without_the_counters_is_a_usage_error(model_file, tmp_path, pty_device, capsys):
+    program = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric="icestick")
+    config = program.geometry.config
+    script = Script(identity_for(config, program.geometry.cycles, program.geometry.degree, moments=False))
+    out = tmp_path / "moments.npz"
+    code, err, _ = run_cli(["moments", str(model_file), "-o", str(out), "--backend", "board", "--fabric", "icestick",
+                            "--port", pty_device(script), "-n", "4"], capsys)
+    assert code == 2 and "without the on-chip moment counters" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert Command.WRITE not in script.commands and Command.START not in script.commands
