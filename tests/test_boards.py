@@ -14,13 +14,16 @@ from fractions import Fraction
 
 import pytest
 
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from opentsu.boards import BOARDS, UART_BAUD, BoardTop, PLLError, pll_parameters
 from opentsu.boards.top import LockReset
 from opentsu.boards.pll import OUT_RANGE, PFD_RANGE, VCO_RANGE, PLLParameters
 from opentsu.build import (BOARD_NAMES, REPORT_KEYS, BuildError, FitError, _packed_fit_check, build,
-                           fastest_clock, make_report, parse_fabric, parse_module_stats, parse_yosys_cells)
+                           fastest_clock, make_report, module_breakdown, parse_fabric, parse_module_stats,
+                           parse_yosys_cells, yowasp_tools)
 from opentsu.cli import main
 from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 
@@ -273,6 +276,60 @@ def test_yosys_statistics_parse():
                                             "SB_DFFSR": 49, "SB_LUT4": 5393}
     modules = parse_module_stats(YOSYS_LOG.replace("=== top ===", "=== top.fabric ==="))
     assert modules == {"top.fabric": parse_yosys_cells(YOSYS_LOG)}
+
+
+def _counter_rtlil(path):
+    """RTLIL of a top module ``t`` with one submodule ``t.count``: a 6-bit counter with an enable."""
+    from amaranth.back import rtlil
+    from amaranth.hdl import Module, Signal
+
+    class Counter(wiring.Component):
+        en: In(1)
+        value: Out(6)
+
+        def elaborate(self, platform):
+            m = Module()
+            with m.If(self.en):
+                m.d.sync += self.value.eq(self.value + 1)
+            return m
+
+    class Top(wiring.Component):
+        en: In(1)
+        value: Out(6)
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.count = count = Counter()
+            m.d.comb += [count.en.eq(self.en), self.value.eq(count.value)]
+            return m
+
+    top = Top()
+    path.write_text(rtlil.convert(top, name="t", ports=[top.en, top.value]))
+    return str(path)
+
+
+def _yosys_wrapper(tmp_path, fail_unless):
+    """A stand-in yosys that fails like yowasp's ABC crash unless the script contains ``fail_unless``."""
+    script = tmp_path / "yosys"
+    script.write_text(f"#!/bin/sh\ngrep -q -- '{fail_unless}' breakdown.ys || {{ echo 'ABC: crashed' >&2; exit 1; }}\n"
+                      f"exec {yowasp_tools()['yosys']} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return {"yosys": str(script)}
+
+
+def test_module_breakdown_counts_each_module_and_falls_back_when_abc_fails(tmp_path):
+    il = _counter_rtlil(tmp_path / "design.il")
+    rows = {r["module"]: r for r in module_breakdown(il, "t", device="u")}
+    # The counter's six state bits are six flip-flops, all inside t.count; the top only wires them.
+    assert rows["t.count"]["FF"] == 6 and rows["t"]["FF"] == 6
+    assert rows["t"]["LUT4"] >= rows["t.count"]["LUT4"] > 0
+    assert {r["mapping"] for r in rows.values()} == {"abc9"}
+    # yowasp's ABC crashes on some unflattened designs: the rows then come from yosys's own LUT mapping.
+    fallback = {r["module"]: r for r in module_breakdown(il, "t", _yosys_wrapper(tmp_path, "-noabc"), device="u")}
+    assert {r["mapping"] for r in fallback.values()} == {"yosys"}
+    assert fallback["t.count"]["FF"] == 6 and fallback["t.count"]["LUT4"] > 0
+    with pytest.raises(BuildError, match="abc9: ABC: crashed; yosys: ABC: crashed"):
+        module_breakdown(il, "t", _yosys_wrapper(tmp_path, "no such option"), device="u")
 
 
 def test_packer_overflow_is_a_fit_error():
