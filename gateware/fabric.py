@@ -445,7 +445,7 @@ class Fabric(wiring.Component):
         # stream front's valid bit, is kept the same way for the two states that feed the stream.
         fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
         states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
-                  "TAKE", "TAKE_SWEEPS", "FINISH", "STOPPED"]
+                  "TAKE", "TAKE_END", "TAKE_SWEEPS", "FINISH", "STOPPED"]
         in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
         front_states = ("STREAM", "TAKE_SWEEPS")
         current = []                        # the states defined so far; the last is the one being built
@@ -469,9 +469,10 @@ class Fabric(wiring.Component):
         # constant load (a counter's clear) becomes the flip-flops' synchronous reset, which is free.
         run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
         op_next = Signal()                  # op_index + 1
-        front_restart = Signal()            # f_tau = 0
         # f_tau + 1, wrapping; a sweep ends at the wrap. The front advances on every cycle of the states that
         # feed the stream, so this is `f_valid`, a flip-flop, and f_tau's enable and reset are one LUT deep.
+        # Those states are left only at the end of a sweep, so whenever the front rests f_tau is 0 (and
+        # f_tau_last is C == 1): nothing restarts it, which keeps START and REALIGN off its enable.
         front_advance = f_valid
         sweeps_from_arg = Signal()          # sweeps_left = op_arg
         sweeps_from_thin = Signal()         # sweeps_left = thin
@@ -488,10 +489,6 @@ class Fabric(wiring.Component):
         # DECODE cannot run), or one op DECODE runs.
         op_finish, op_bad, op_sweep, op_thin, op_load, op_take, op_accumulate = (
             Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
-
-        def restart_front():
-            request(front_restart)
-            m.d.sync += f_tau_last.eq(C == 1)
 
         def advance_front():
             """In a state feeding the stream, where the front moves to the next τ (`front_advance`): keep
@@ -564,7 +561,6 @@ class Fabric(wiring.Component):
                 request(run_start)
                 m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
                              moments_full.eq(0)]
-                restart_front()
                 with m.If(flags[_bit(Flags.KEEP_RNG)]):
                     goto("FETCH0")
                 with m.Else():
@@ -630,7 +626,6 @@ class Fabric(wiring.Component):
             with m.If(~frame_zero):
                 m.d.comb += read_rotate.eq(1)
             with m.Else():
-                restart_front()
                 with m.Switch(after_drain):
                     with m.Case(AFTER_FETCH):
                         goto("DECODE")
@@ -704,16 +699,21 @@ class Fabric(wiring.Component):
                     with m.If(moment_rotate):
                         m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
-                with m.If(accumulating & ~moments_full):
-                    request(sample_done)
-                    m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
-                m.d.sync += moment_pass.eq(0)
-                with m.If(takes_more & ~stop_request):
-                    request(take_done)
-                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
-                    goto("TAKE_SWEEPS")
-                with m.Else():
-                    goto("FETCH0")
+                goto("TAKE_END")
+        with state("TAKE_END"):
+            # What follows a pass is decided a cycle after it, from flip-flops: the end of a capture pass
+            # waits on the FIFO's `ready`, which arrives late, and the decision fans out to every bit of
+            # op_arg and moment_samples.
+            with m.If(accumulating & ~moments_full):
+                request(sample_done)
+                m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
+            m.d.sync += moment_pass.eq(0)
+            with m.If(takes_more & ~stop_request):
+                request(take_done)
+                m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
+                goto("TAKE_SWEEPS")
+            with m.Else():
+                goto("FETCH0")
         with state("TAKE_SWEEPS"):
             advance_front()
             with m.If(f_tau_last & (sweeps_last | stop_request)):
@@ -736,7 +736,7 @@ class Fabric(wiring.Component):
             m.d.sync += thin.eq(1)
         with m.Elif(thin_from_arg):
             m.d.sync += thin.eq(op_arg)
-        with m.If(front_restart | sweep_done):
+        with m.If(sweep_done):
             m.d.sync += f_tau.eq(0)
         with m.Elif(front_advance):
             m.d.sync += f_tau.eq(f_tau + 1)
