@@ -285,7 +285,7 @@ class Fabric(wiring.Component):
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
-        use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
+        use_bus_data = Signal()             # the next cycle's write data is the bus word, else the read data
         drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
         increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
@@ -296,7 +296,10 @@ class Fabric(wiring.Component):
         for b in range(banks):
             adder = IncrementOrLoad(16, self._target)
             m.submodules[f"count{b}"] = adder
-            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(use_bus_data),
+            # The load reaches every cell of the adder's carry chain: each bank has a flip-flop of its own,
+            # placed by its chain (one flip-flop for the four put 6 ns of wire in front of the chains).
+            load = _kept_register(m, use_bus_data, Const(1, 1), f"load{b}", self._target)
+            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(load),
                          adder.value.eq(bus_w_data[:16]),
                          next_wdata[b].eq(Mux(drop_old, increment[b], adder.o))]
 
@@ -444,7 +447,7 @@ class Fabric(wiring.Component):
         # (a binary-coded FSM put five LUT levels between its state register and itself). `f_valid`, the
         # stream front's valid bit, is kept the same way for the two states that feed the stream.
         fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
-        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
+        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM_DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
                   "TAKE", "TAKE_END", "TAKE_SWEEPS", "FINISH", "STOPPED"]
         in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
         front_states = ("STREAM", "TAKE_SWEEPS")
@@ -485,10 +488,11 @@ class Fabric(wiring.Component):
             m.d.comb += flag.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
-        # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
-        # DECODE cannot run), or one op DECODE runs.
-        op_finish, op_bad, op_sweep, op_thin, op_load, op_take, op_accumulate = (
-            Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
+        # Apart from op_accumulate and op_randomize they are exclusive: op_finish (END, or past the end),
+        # op_bad (an op DECODE cannot run), or one op DECODE runs (op_update: SWEEP n > 0 or RANDOMIZE).
+        op_finish, op_bad, op_update, op_sweep, op_thin, op_load, op_take, op_accumulate, op_randomize = (
+            Signal(name=f"op_{name}") for name in ("finish", "bad", "update", "sweep", "thin", "load", "take",
+                                                   "accumulate", "randomize"))
 
         def advance_front():
             """In a state feeding the stream, where the front moves to the next τ (`front_advance`): keep
@@ -500,8 +504,10 @@ class Fabric(wiring.Component):
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
 
-        def fetch(prefix, on_update, on_other):
-            # An op word is two sequence words, each arriving two cycles after its request.
+        def fetch(prefix):
+            # An op word is two sequence words, each arriving two cycles after its request. The op is
+            # decoded into flags as the second one arrives and acted on a cycle later (`{prefix}DECODE`),
+            # so no decision starts at the sequence memory's output.
             with state(f"{prefix}FETCH0"):
                 request_op_word(0)
                 goto(f"{prefix}FETCH1")
@@ -515,36 +521,26 @@ class Fabric(wiring.Component):
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
                 goto(f"{prefix}FETCH3")
             with state(f"{prefix}FETCH3"):
-                m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
                 accumulate = code == Opcode.ACCUMULATE
                 finish = (code == Opcode.END) | past_end
-                runs = [(op_sweep, code == Opcode.SWEEP), (op_thin, code == Opcode.THIN),
-                        (op_load, (code == Opcode.LOAD) & arg_layer),
+                sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
+                # A RANDOMIZE op runs one sweep whatever its argument.
+                runs = [(op_update, (sweep & ~arg_zero) | randomizing), (op_sweep, sweep & arg_zero),
+                        (op_thin, code == Opcode.THIN), (op_load, (code == Opcode.LOAD) & arg_layer),
                         (op_take, ((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero)]
                 m.d.sync += [flag.eq(~finish & value) for flag, value in runs]
                 m.d.sync += [op_finish.eq(finish), op_bad.eq(~finish & ~Cat(*(value for _, value in runs)).any()),
-                             op_accumulate.eq(accumulate)]
-                sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
-                with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
-                    # A RANDOMIZE op runs one sweep whatever its argument: sweeps_last ends it, and
-                    # sweeps_left is loaded again before it is next looked at.
-                    request(sweeps_from_arg)
-                    m.d.sync += sweeps_last.eq(~sweep | arg_one)
-                    request(op_next)
-                    m.d.sync += f_randomize.eq(randomizing)
-                    on_update()
-                with m.Else():
-                    on_other()
+                             op_accumulate.eq(accumulate), op_randomize.eq(randomizing)]
+                goto(f"{prefix}DECODE")
 
-        def go(name):
-            def action():
-                goto(name)
-            return action
-
-        def drain_then_decode():
-            m.d.sync += after_drain.eq(AFTER_FETCH)
-            goto("DRAIN")
+        def start_update():
+            """Run the decoded SWEEP or RANDOMIZE op (`op_update`) on the stream. A RANDOMIZE op's single
+            sweep is the last one; sweeps_left is loaded again before it is next looked at."""
+            request(sweeps_from_arg)
+            m.d.sync += [sweeps_last.eq(op_randomize | arg_one), f_randomize.eq(op_randomize)]
+            request(op_next)
+            goto("STREAM")
 
         def seed_address(k):
             m.d.comb += next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))
@@ -580,11 +576,13 @@ class Fabric(wiring.Component):
             with m.If(seed_ask == SEED_STEPS + 1):
                 goto("FETCH0")
 
-        fetch("", go("STREAM"), go("DECODE"))
+        fetch("")
 
         with state("DECODE"):
             with m.If(stop_request | op_finish):
                 goto("FINISH")
+            with m.If(~stop_request & op_update):
+                start_update()
             with m.If(~stop_request & op_sweep):  # SWEEP 0
                 request(op_next)
                 goto("FETCH0")
@@ -617,7 +615,14 @@ class Fabric(wiring.Component):
                     goto("STREAM_FETCH0")
 
         # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
-        fetch("STREAM_", go("STREAM"), drain_then_decode)
+        fetch("STREAM_")
+        with state("STREAM_DECODE"):
+            m.d.sync += stall.eq(0)
+            with m.If(~stop_request & op_update):
+                start_update()
+            with m.Else():
+                m.d.sync += after_drain.eq(AFTER_FETCH)
+                goto("DRAIN")
 
         with state("DRAIN"):
             with m.If(~in_flight):
@@ -776,13 +781,13 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
-        # The adders' load input reaches every carry cell, so it is a flip-flop: a scratch write arriving
-        # while the sequencer will not be running next cycle (it is idle and no START is being taken, or
-        # it is stopping). Its init is 0: an init-1 flip-flop costs an inverting LUT on its output.
+        # The adders' load input reaches every carry cell, so it is a flip-flop (one per bank, above): a
+        # scratch write arriving while the sequencer will not be running next cycle (it is idle and no
+        # START is being taken, or it is stopping).
         scratch_region = reduce(operator.or_, (bus_region == r for r in (Region.PARAMS, Region.CLAMPS, Region.SEEDS)))
         start_taken = (write_to[Region.REGS] & is_register & (offset[:reg_bits] == Reg.CONTROL) &
                        bus_w_data[_bit(Control.START)])
-        m.d.sync += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
+        m.d.comb += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 
