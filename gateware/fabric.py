@@ -286,22 +286,27 @@ class Fabric(wiring.Component):
         next_ren = Signal()
         next_wen = Signal(2 * banks)
         use_bus_data = Signal()             # the next cycle's write data is the bus word, else the read data
-        drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
+        drop_next = Signal()                # ... or, for a counter's first sample, 0 + its increment
         increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
         next_wdata = Signal(data.ArrayLayout(16, banks))
         # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
-        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`), and a dropped
-        # count (its upper bits 0) is the flip-flops' synchronous reset.
+        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`). A dropped count
+        # is a load too, of the increment: its upper bits are 0, the synchronous reset of a copy of the bus
+        # word's. (As the synchronous reset of the write-data flip-flops, it made a ninth input to the
+        # adders' upper logic tiles, which hold 32, and nextpnr split every chain before its last bit.)
+        value_hi = Signal(15, reset_less=True)
+        drop = Signal()
+        m.d.sync += [value_hi.eq(Mux(drop_next, 0, self.bus.w_data[1:16])), drop.eq(drop_next)]
         for b in range(banks):
             adder = IncrementOrLoad(16, self._target)
             m.submodules[f"count{b}"] = adder
             # The load reaches every cell of the adder's carry chain: each bank has a flip-flop of its own,
             # placed by its chain (one flip-flop for the four put 6 ns of wire in front of the chains).
-            load = _kept_register(m, use_bus_data, Const(1, 1), f"load{b}", self._target)
+            load = _kept_register(m, use_bus_data | drop_next, Const(1, 1), f"load{b}", self._target)
             m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(load),
-                         adder.value.eq(bus_w_data[:16]),
-                         next_wdata[b].eq(Mux(drop_old, increment[b], adder.o))]
+                         adder.value.eq(Cat(Mux(drop, increment[b], bus_w_data[0]), value_hi)),
+                         next_wdata[b].eq(adder.o)]
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
@@ -432,15 +437,13 @@ class Fabric(wiring.Component):
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
         moments_full = Signal()             # moment_samples == MOMENT_LIMIT
         moments_empty = Signal(init=1)      # moment_samples == 0
-        moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
         kind_bit = Signal(L)                # each lane's bit of the current kind
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
-        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
+        m.d.sync += [moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
         # Outside the update stream only a moment pass's last phase rotates the torus while the neighbour
         # spins are read (LOAD and REALIGN end with the frame at rest).
         m.d.comb += frame_ahead.eq(Mux(moment_rotate, frame_next, frame))
-        m.d.comb += drop_old.eq(moment_drop)
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
         # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
@@ -691,7 +694,8 @@ class Fabric(wiring.Component):
                     for b in range(banks):
                         pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
                         m.d.sync += increment[b].eq(moment_window & ~moments_full & Mux(phase[0], pair[0], pair[1]))
-                    m.d.sync += [moment_window.eq(~phase[1]), moment_drop.eq(moment_window & moments_empty)]
+                    m.d.sync += moment_window.eq(~phase[1])
+                    m.d.comb += drop_next.eq(moment_window & moments_empty)
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
