@@ -295,15 +295,16 @@ class Fabric(wiring.Component):
         # is a load too, of the increment: its upper bits are 0, the synchronous reset of a copy of the bus
         # word's. (As the synchronous reset of the write-data flip-flops, it made a ninth input to the
         # adders' upper logic tiles, which hold 32, and nextpnr split every chain before its last bit.)
+        # The load reaches every cell of the adders' carry chains, so it is a flip-flop (init 0: an init-1
+        # flip-flop costs an inverting LUT on its output).
         value_hi = Signal(15, reset_less=True)
         drop = Signal()
-        m.d.sync += [value_hi.eq(Mux(drop_next, 0, self.bus.w_data[1:16])), drop.eq(drop_next)]
+        load = Signal()
+        m.d.sync += [value_hi.eq(Mux(drop_next, 0, self.bus.w_data[1:16])), drop.eq(drop_next),
+                     load.eq(use_bus_data | drop_next)]
         for b in range(banks):
             adder = IncrementOrLoad(16, self._target)
             m.submodules[f"count{b}"] = adder
-            # The load reaches every cell of the adder's carry chain: each bank has a flip-flop of its own,
-            # placed by its chain (one flip-flop for the four put 6 ns of wire in front of the chains).
-            load = _kept_register(m, use_bus_data | drop_next, Const(1, 1), f"load{b}", self._target)
             m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(load),
                          adder.value.eq(Cat(Mux(drop, increment[b], bus_w_data[0]), value_hi)),
                          next_wdata[b].eq(adder.o)]
@@ -785,9 +786,8 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
-        # The adders' load input reaches every carry cell, so it is a flip-flop (one per bank, above): a
-        # scratch write arriving while the sequencer will not be running next cycle (it is idle and no
-        # START is being taken, or it is stopping).
+        # The adders load the bus word on a scratch write arriving while the sequencer will not be running
+        # next cycle (it is idle and no START is being taken, or it is stopping).
         scratch_region = reduce(operator.or_, (bus_region == r for r in (Region.PARAMS, Region.CLAMPS, Region.SEEDS)))
         start_taken = (write_to[Region.REGS] & is_register & (offset[:reg_bits] == Reg.CONTROL) &
                        bus_w_data[_bit(Control.START)])
