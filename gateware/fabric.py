@@ -293,8 +293,8 @@ class Fabric(wiring.Component):
         # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
         # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`). A dropped count
         # is a load too, of the increment: its upper bits are 0, the synchronous reset of a copy of the bus
-        # word's. (As the synchronous reset of the write-data flip-flops, it made a ninth input to the
-        # adders' upper logic tiles, which hold 32, and nextpnr split every chain before its last bit.)
+        # word's. (As the synchronous reset of the write-data flip-flops it was a 33rd local input to each
+        # adder's second logic tile, and nextpnr split every chain before its last bit: 7 ns of carry wire.)
         # The load reaches every cell of the adders' carry chains, so it is a flip-flop (init 0: an init-1
         # flip-flop costs an inverting LUT on its output).
         value_hi = Signal(15, reset_less=True)
