@@ -80,7 +80,7 @@ BOARDS = {
         name="icebreaker", platform=ICEBreakerPlatform, fabric=PRESETS["icebreaker"], target="ice40-up5k",
         # A multiple of 3 MHz (an exact 3 Mbaud UART) at or below the 8-lane preset's Fmax over placement
         # seeds: docs/boards.md.
-        clock_hz=45_000_000, pll_pad=True, extra_resources="break_off_pmod",
+        clock_hz=48_000_000, pll_pad=True, extra_resources="break_off_pmod",
         # led 0 is the red LED by the USB connector, led 1 the green one; led_r 1 is the snap-off PMOD's red
         # LED (LED1) and led_g 1 its green LED2.
         leds={"running": ("led_g", 0), "error": ("led_r", 0), "alarm": ("led_r", 1), "heartbeat": ("led_g", 1)},

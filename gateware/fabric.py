@@ -290,20 +290,29 @@ class Fabric(wiring.Component):
         next_addr = Signal(range(scratch_depth))
         next_ren = Signal()
         next_wen = Signal(2 * banks)
-        use_bus_data = Signal()             # write data: the bus word, else the read data (+ increments)
-        drop_old = Signal()                 # ... with the read data taken as 0 (a counter's first sample)
+        use_bus_data = Signal()             # the next cycle's write data is the bus word, else the read data
+        drop_next = Signal()                # ... or, for a counter's first sample, 0 + its increment
         increment = Signal(banks)           # a flip-flop: the adders' carry chains start from it
         bus_w_data = Signal(64)
         next_wdata = Signal(data.ArrayLayout(16, banks))
         # The bus word and a dropped count are picked after the adder, not before it: the adder then reads
-        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`), and a dropped
-        # count (its upper bits 0) is the flip-flops' synchronous reset.
+        # the memory directly and picks the bus word in its own cells (`IncrementOrLoad`). A dropped count
+        # is a load too, of the increment: its upper bits are 0, the synchronous reset of a copy of the bus
+        # word's. (As the synchronous reset of the write-data flip-flops it was a 33rd local input to each
+        # adder's second logic tile, and nextpnr split every chain before its last bit: 7 ns of carry wire.)
+        # The load reaches every cell of the adders' carry chains, so it is a flip-flop (init 0: an init-1
+        # flip-flop costs an inverting LUT on its output).
+        value_hi = Signal(15, reset_less=True)
+        drop = Signal()
+        load = Signal()
+        m.d.sync += [value_hi.eq(Mux(drop_next, 0, self.bus.w_data[1:16])), drop.eq(drop_next),
+                     load.eq(use_bus_data | drop_next)]
         for b in range(banks):
             adder = IncrementOrLoad(16, self._target)
             m.submodules[f"count{b}"] = adder
-            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(use_bus_data),
-                         adder.value.eq(bus_w_data[:16]),
-                         next_wdata[b].eq(Mux(drop_old, increment[b], adder.o))]
+            m.d.comb += [adder.a.eq(scratch.r_data[b]), adder.inc.eq(increment[b]), adder.load.eq(load),
+                         adder.value.eq(Cat(Mux(drop, increment[b], bus_w_data[0]), value_hi)),
+                         next_wdata[b].eq(adder.o)]
 
         # ---------------------------------------------------------------- update stream
         # The update stream advances on `step`, which only an op fetch in the middle of a stream stops;
@@ -434,23 +443,21 @@ class Fabric(wiring.Component):
         AFTER_FETCH, AFTER_TAKE, AFTER_END = 0, 1, 2
         moments_full = Signal()             # moment_samples == MOMENT_LIMIT
         moments_empty = Signal(init=1)      # moment_samples == 0
-        moment_drop = Signal()              # the next write is a moment counter's first sample
         moment_window = Signal()            # phase is 1 or 2 in a moment pass: the bits for a write are picked
         kind_bit = Signal(L)                # each lane's bit of the current kind
         moment_rotate = Signal()            # the last kind's phase 3 of a moment pass: rotate to the next τ
-        m.d.sync += [moment_drop.eq(0), moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
+        m.d.sync += [moment_window.eq(0), increment.eq(0), moment_rotate.eq(0)]
         # Outside the update stream only a moment pass's last phase rotates the torus while the neighbour
         # spins are read (LOAD and REALIGN end with the frame at rest).
         m.d.comb += frame_ahead.eq(Mux(moment_rotate, frame_next, frame))
-        m.d.comb += drop_old.eq(moment_drop)
 
         # The sequencer is one-hot: one flip-flop per state. A state's actions then start from a single
         # flip-flop, and a flag's next value only looks at the few transitions into and out of its state
         # (a binary-coded FSM put five LUT levels between its state register and itself). `f_valid`, the
         # stream front's valid bit, is kept the same way for the two states that feed the stream.
         fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
-        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
-                  "TAKE", "TAKE_SWEEPS", "FINISH", "STOPPED"]
+        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM_DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
+                  "TAKE", "TAKE_END", "TAKE_SWEEPS", "FINISH", "STOPPED"]
         in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
         front_states = ("STREAM", "TAKE_SWEEPS")
         current = []                        # the states defined so far; the last is the one being built
@@ -474,9 +481,10 @@ class Fabric(wiring.Component):
         # constant load (a counter's clear) becomes the flip-flops' synchronous reset, which is free.
         run_start = Signal()                # START: op_index, sweeps_count, moment_samples 0, thin 1
         op_next = Signal()                  # op_index + 1
-        front_restart = Signal()            # f_tau = 0
         # f_tau + 1, wrapping; a sweep ends at the wrap. The front advances on every cycle of the states that
         # feed the stream, so this is `f_valid`, a flip-flop, and f_tau's enable and reset are one LUT deep.
+        # Those states are left only at the end of a sweep, so whenever the front rests f_tau is 0 (and
+        # f_tau_last is C == 1): nothing restarts it, which keeps START and REALIGN off its enable.
         front_advance = f_valid
         sweeps_from_arg = Signal()          # sweeps_left = op_arg
         sweeps_from_thin = Signal()         # sweeps_left = thin
@@ -489,14 +497,11 @@ class Fabric(wiring.Component):
             m.d.comb += flag.eq(1)
 
         # Decisions DECODE takes on the op word, made when the op code arrives (FETCH3).
-        # Apart from op_accumulate they are exclusive: op_finish (END, or past the end), op_bad (an op
-        # DECODE cannot run), or one op DECODE runs.
-        op_finish, op_bad, op_sweep, op_thin, op_load, op_take, op_accumulate = (
-            Signal(name=f"op_{name}") for name in ("finish", "bad", "sweep", "thin", "load", "take", "accumulate"))
-
-        def restart_front():
-            request(front_restart)
-            m.d.sync += f_tau_last.eq(C == 1)
+        # Apart from op_accumulate and op_randomize they are exclusive: op_finish (END, or past the end),
+        # op_bad (an op DECODE cannot run), or one op DECODE runs (op_update: SWEEP n > 0 or RANDOMIZE).
+        op_finish, op_bad, op_update, op_sweep, op_thin, op_load, op_take, op_accumulate, op_randomize = (
+            Signal(name=f"op_{name}") for name in ("finish", "bad", "update", "sweep", "thin", "load", "take",
+                                                   "accumulate", "randomize"))
 
         def advance_front():
             """In a state feeding the stream, where the front moves to the next τ (`front_advance`): keep
@@ -508,8 +513,10 @@ class Fabric(wiring.Component):
         def request_op_word(half):
             m.d.sync += [seq_addr.eq(Cat(Const(half, 1), op_index)), seq_ren.eq(1)]
 
-        def fetch(prefix, on_update, on_other):
-            # An op word is two sequence words, each arriving two cycles after its request.
+        def fetch(prefix):
+            # An op word is two sequence words, each arriving two cycles after its request. The op is
+            # decoded into flags as the second one arrives and acted on a cycle later (`{prefix}DECODE`),
+            # so no decision starts at the sequence memory's output.
             with state(f"{prefix}FETCH0"):
                 request_op_word(0)
                 goto(f"{prefix}FETCH1")
@@ -523,36 +530,26 @@ class Fabric(wiring.Component):
                              arg_many.eq(word[1:] != 0), arg_layer.eq(word < layers)]
                 goto(f"{prefix}FETCH3")
             with state(f"{prefix}FETCH3"):
-                m.d.sync += stall.eq(0)
                 code = seq.r_data[OPCODE_SHIFT - 16:]
                 accumulate = code == Opcode.ACCUMULATE
                 finish = (code == Opcode.END) | past_end
-                runs = [(op_sweep, code == Opcode.SWEEP), (op_thin, code == Opcode.THIN),
-                        (op_load, (code == Opcode.LOAD) & arg_layer),
+                sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
+                # A RANDOMIZE op runs one sweep whatever its argument.
+                runs = [(op_update, (sweep & ~arg_zero) | randomizing), (op_sweep, sweep & arg_zero),
+                        (op_thin, code == Opcode.THIN), (op_load, (code == Opcode.LOAD) & arg_layer),
                         (op_take, ((code == Opcode.CAPTURE) | (accumulate & self._moments)) & ~arg_zero)]
                 m.d.sync += [flag.eq(~finish & value) for flag, value in runs]
                 m.d.sync += [op_finish.eq(finish), op_bad.eq(~finish & ~Cat(*(value for _, value in runs)).any()),
-                             op_accumulate.eq(accumulate)]
-                sweep, randomizing = code == Opcode.SWEEP, code == Opcode.RANDOMIZE
-                with m.If(~stop_request & ~past_end & ((sweep & ~arg_zero) | randomizing)):
-                    # A RANDOMIZE op runs one sweep whatever its argument: sweeps_last ends it, and
-                    # sweeps_left is loaded again before it is next looked at.
-                    request(sweeps_from_arg)
-                    m.d.sync += sweeps_last.eq(~sweep | arg_one)
-                    request(op_next)
-                    m.d.sync += f_randomize.eq(randomizing)
-                    on_update()
-                with m.Else():
-                    on_other()
+                             op_accumulate.eq(accumulate), op_randomize.eq(randomizing)]
+                goto(f"{prefix}DECODE")
 
-        def go(name):
-            def action():
-                goto(name)
-            return action
-
-        def drain_then_decode():
-            m.d.sync += after_drain.eq(AFTER_FETCH)
-            goto("DRAIN")
+        def start_update():
+            """Run the decoded SWEEP or RANDOMIZE op (`op_update`) on the stream. A RANDOMIZE op's single
+            sweep is the last one; sweeps_left is loaded again before it is next looked at."""
+            request(sweeps_from_arg)
+            m.d.sync += [sweeps_last.eq(op_randomize | arg_one), f_randomize.eq(op_randomize)]
+            request(op_next)
+            goto("STREAM")
 
         def seed_address(k):
             m.d.comb += next_addr.eq(scratch_address("seed", k[:SEED_STEPS.bit_length() - 1]))
@@ -569,7 +566,6 @@ class Fabric(wiring.Component):
                 request(run_start)
                 m.d.sync += [stop_request.eq(0), thin_one.eq(1), seed_ask.eq(2), moments_empty.eq(1),
                              moments_full.eq(0)]
-                restart_front()
                 with m.If(flags[_bit(Flags.KEEP_RNG)]):
                     goto("FETCH0")
                 with m.Else():
@@ -589,11 +585,13 @@ class Fabric(wiring.Component):
             with m.If(seed_ask == SEED_STEPS + 1):
                 goto("FETCH0")
 
-        fetch("", go("STREAM"), go("DECODE"))
+        fetch("")
 
         with state("DECODE"):
             with m.If(stop_request | op_finish):
                 goto("FINISH")
+            with m.If(~stop_request & op_update):
+                start_update()
             with m.If(~stop_request & op_sweep):  # SWEEP 0
                 request(op_next)
                 goto("FETCH0")
@@ -626,7 +624,14 @@ class Fabric(wiring.Component):
                     goto("STREAM_FETCH0")
 
         # Between update ops the stream stalls (step low) for the fetch and continues seamlessly.
-        fetch("STREAM_", go("STREAM"), drain_then_decode)
+        fetch("STREAM_")
+        with state("STREAM_DECODE"):
+            m.d.sync += stall.eq(0)
+            with m.If(~stop_request & op_update):
+                start_update()
+            with m.Else():
+                m.d.sync += after_drain.eq(AFTER_FETCH)
+                goto("DRAIN")
 
         with state("DRAIN"):
             with m.If(~in_flight):
@@ -635,7 +640,6 @@ class Fabric(wiring.Component):
             with m.If(~frame_zero):
                 m.d.comb += read_rotate.eq(1)
             with m.Else():
-                restart_front()
                 with m.Switch(after_drain):
                     with m.Case(AFTER_FETCH):
                         goto("DECODE")
@@ -696,7 +700,8 @@ class Fabric(wiring.Component):
                     for b in range(banks):
                         pair = Cat(kind_bit[2 * b], kind_bit[2 * b + 1] if 2 * b + 1 < L else Const(0, 1))
                         m.d.sync += increment[b].eq(moment_window & ~moments_full & Mux(phase[0], pair[0], pair[1]))
-                    m.d.sync += [moment_window.eq(~phase[1]), moment_drop.eq(moment_window & moments_empty)]
+                    m.d.sync += moment_window.eq(~phase[1])
+                    m.d.comb += drop_next.eq(moment_window & moments_empty)
                     with m.If(phase[1]):
                         m.d.comb += next_wen.eq(Const(0b11, 2).replicate(banks))
                     with m.Else():
@@ -709,16 +714,21 @@ class Fabric(wiring.Component):
                     with m.If(moment_rotate):
                         m.d.comb += [read_rotate.eq(1), end_of_pass.eq(frame_last)]
             with m.If(end_of_pass):
-                with m.If(accumulating & ~moments_full):
-                    request(sample_done)
-                    m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
-                m.d.sync += moment_pass.eq(0)
-                with m.If(takes_more & ~stop_request):
-                    request(take_done)
-                    m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
-                    goto("TAKE_SWEEPS")
-                with m.Else():
-                    goto("FETCH0")
+                goto("TAKE_END")
+        with state("TAKE_END"):
+            # What follows a pass is decided a cycle after it, from flip-flops: the end of a capture pass
+            # waits on the FIFO's `ready`, which arrives late, and the decision fans out to every bit of
+            # op_arg and moment_samples.
+            with m.If(accumulating & ~moments_full):
+                request(sample_done)
+                m.d.sync += [moments_empty.eq(0), moments_full.eq(moment_samples == MOMENT_LIMIT - 1)]
+            m.d.sync += moment_pass.eq(0)
+            with m.If(takes_more & ~stop_request):
+                request(take_done)
+                m.d.sync += [takes_more.eq(op_arg > 2), f_randomize.eq(0)]
+                goto("TAKE_SWEEPS")
+            with m.Else():
+                goto("FETCH0")
         with state("TAKE_SWEEPS"):
             advance_front()
             with m.If(f_tau_last & (sweeps_last | stop_request)):
@@ -744,7 +754,7 @@ class Fabric(wiring.Component):
             m.d.sync += thin.eq(1)
         with m.Elif(thin_from_arg):
             m.d.sync += thin.eq(op_arg)
-        with m.If(front_restart | sweep_done):
+        with m.If(sweep_done):
             m.d.sync += f_tau.eq(0)
         with m.Elif(front_advance):
             m.d.sync += f_tau.eq(f_tau + 1)
@@ -784,13 +794,12 @@ class Fabric(wiring.Component):
         m.d.sync += [flag.eq(self.bus.w_en & (bus_region == region)) for region, flag in write_to.items()]
         memory_write = Signal()
         m.d.sync += memory_write.eq(self.bus.w_en & (bus_region != Region.REGS))
-        # The adders' load input reaches every carry cell, so it is a flip-flop: a scratch write arriving
-        # while the sequencer will not be running next cycle (it is idle and no START is being taken, or
-        # it is stopping). Its init is 0: an init-1 flip-flop costs an inverting LUT on its output.
+        # The adders load the bus word on a scratch write arriving while the sequencer will not be running
+        # next cycle (it is idle and no START is being taken, or it is stopping).
         scratch_region = reduce(operator.or_, (bus_region == r for r in (Region.PARAMS, Region.CLAMPS, Region.SEEDS)))
         start_taken = (write_to[Region.REGS] & is_register & (offset[:reg_bits] == Reg.CONTROL) &
                        bus_w_data[_bit(Control.START)])
-        m.d.sync += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
+        m.d.comb += use_bus_data.eq(self.bus.w_en & scratch_region & Mux(running, in_state["STOPPED"], ~start_taken))
         with m.If(memory_write & running):
             m.d.sync += sticky.eq(sticky | Status.WRITE_REFUSED)
 

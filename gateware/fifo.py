@@ -48,9 +48,13 @@ class StreamFIFO(wiring.Component):
         out_valid = Signal()                      # the RAM's read register holds the word on `o`
         top = self._depth.bit_length() - 1        # level[top]: level >= depth
         full = Signal()                           # depth words in the RAM
-        stored_any = Signal()                     # a word in the RAM
-        m.d.comb += [full.eq(level[top] & (level[0] | ~out_valid)),
-                     stored_any.eq(level[1:].any() | (level[0] & ~out_valid))]
+        m.d.comb += full.eq(level[top] & (level[0] | ~out_valid))
+        # Whether the RAM holds a word decides every read, which the consumer's `ready` starts: it is kept
+        # in flip-flops (any word, exactly one; two is read off `level`), so a read is one LUT from `ready`.
+        ram_any = Signal()
+        ram_one = Signal()
+        ram_two = Signal()
+        m.d.comb += ram_two.eq(Mux(out_valid, level == 3, level == 2))
 
         push = Signal()
         m.d.comb += [self.i.ready.eq(~full), push.eq(self.i.valid & self.i.ready)]
@@ -60,14 +64,19 @@ class StreamFIFO(wiring.Component):
         m.d.comb += [self.o.valid.eq(out_valid), self.o.payload.eq(ram.r_data), pop.eq(self.o.valid & self.o.ready)]
         # Read the next word into the RAM's output register whenever `o` is empty or being taken.
         fetch = Signal()
-        m.d.comb += fetch.eq(stored_any & (~out_valid | pop))
+        m.d.comb += fetch.eq(ram_any & (~out_valid | pop))
         m.d.comb += [ram.r_addr.eq(read_ptr), ram.r_en.eq(fetch)]
         m.d.comb += self.level.eq(level)
 
         with m.If(self.flush):
-            m.d.sync += [write_ptr.eq(0), read_ptr.eq(0), level.eq(0), out_valid.eq(0)]
+            m.d.sync += [write_ptr.eq(0), read_ptr.eq(0), level.eq(0), out_valid.eq(0), ram_any.eq(0),
+                         ram_one.eq(0)]
         with m.Else():
             m.d.sync += level.eq(level + push - pop)
+            with m.If(push & ~fetch):
+                m.d.sync += [ram_any.eq(1), ram_one.eq(~ram_any)]
+            with m.If(fetch & ~push):
+                m.d.sync += [ram_any.eq(~ram_one), ram_one.eq(ram_two)]
             with m.If(push):
                 m.d.sync += write_ptr.eq(write_ptr + 1)
             with m.If(fetch):
