@@ -456,8 +456,8 @@ class Fabric(wiring.Component):
         # (a binary-coded FSM put five LUT levels between its state register and itself). `f_valid`, the
         # stream front's valid bit, is kept the same way for the two states that feed the stream.
         fetch_states = [f"{prefix}FETCH{k}" for prefix in ("", "STREAM_") for k in range(4)]
-        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM_DECODE", "STREAM", "DRAIN", "REALIGN", "LOAD",
-                  "TAKE", "TAKE_END", "TAKE_SWEEPS", "FINISH", "STOPPED"]
+        states = ["IDLE", "SEED_PRIME", "SEED", *fetch_states, "DECODE", "STREAM_DECODE", "STREAM", "DRAIN",
+                  "REALIGN", "LOAD", "TAKE", "TAKE_END", "TAKE_SWEEPS", "FINISH", "STOPPED"]
         in_state = {name: Signal(init=name == "IDLE", name=f"seq_{name.lower()}") for name in states}
         front_states = ("STREAM", "TAKE_SWEEPS")
         current = []                        # the states defined so far; the last is the one being built

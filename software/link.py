@@ -23,8 +23,8 @@ import time
 from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, Command, Flags,
                        FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame, word_bytes)
 
-__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected", "MissingFeature",
-           "ProgramMismatch", "FORMATS_REVISION"]
+__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected",
+           "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
 
 #: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
 FORMATS_REVISION = 1
