@@ -83,11 +83,13 @@ class Device(wiring.Component):
         g = self._g
         m.submodules.uart_rx = uart_rx = UARTRx(self._divisor)
         m.submodules.uart_tx = uart_tx = UARTTx(self._divisor)
-        rom = ("generic" if self._target == "generic" else "ice40") if self._identity_rom else None
-        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor, rom=rom)
+        # The engine's and the FIFO's memories are plain block RAMs on every iCE40 part (`ram.TARGETS`).
+        ram_target = "generic" if self._target == "generic" else "ice40"
+        m.submodules.engine = engine = CommandEngine(self._identity, self._divisor,
+                                                     rom=ram_target if self._identity_rom else None)
         m.submodules.fabric = fabric = Fabric(g, target=self._target)
         m.submodules.fifo = fifo = StreamFIFO(8 * self._identity.sample_word_bytes, self._fifo_depth,
-                                              target="generic" if self._target == "generic" else "ice40")
+                                              target=ram_target)
 
         m.d.comb += [uart_rx.rx.eq(self.rx), self.tx.eq(uart_tx.tx)]
         wiring.connect(m, uart_rx.o, engine.rx)
