@@ -928,15 +928,17 @@ def cmd_eval(args):
     model = _load_model(args.model)
     if model.image_shape != images.shape[1:]:
         raise _usage(f"the model makes {model.image_shape} images, the data holds {images.shape[1:]}")
-    models.append(("DTM, fabric (quantised)", model.total_sweeps, lambda n, s: sample(model, n, s, fabric=args.fabric)))
+    program = _compile_for_eval(model, args.model or default_model_path(), args.fabric)
+    models.append(("DTM, fabric (quantised)", model.total_sweeps, lambda n, s: sample(model, n, s, program=program)))
     if not args.no_float:
         models.append(("DTM, float", model.total_sweeps, lambda n, s: sample_float(model, n, s)))
     if args.mebm != "none":
         mebm = _load_model(args.mebm or default_mebm_path())
         if mebm.image_shape != images.shape[1:]:
             raise _usage(f"the MEBM makes {mebm.image_shape} images, the data holds {images.shape[1:]}")
+        mebm_program = _compile_for_eval(mebm, args.mebm or default_mebm_path(), args.fabric)
         models.append((f"MEBM ({mebm.steps} step), fabric", mebm.total_sweeps,
-                       lambda n, s: sample(mebm, n, s, fabric=args.fabric)))
+                       lambda n, s: sample(mebm, n, s, program=mebm_program)))
     for path in args.samples or ():
         try:
             extra = np.load(path, allow_pickle=False)
@@ -972,6 +974,17 @@ def cmd_eval(args):
         _check_output(args.json)
         with atomic_write(args.json) as f:
             f.write(json.dumps({"n": args.n, "seeds": list(seeds), "rows": [floor] + rows}, indent=1).encode())
+
+
+def _compile_for_eval(model: DTM, path, fabric):
+    """The program ``dtm eval`` samples: for ``fabric`` (a preset, auto, or None: the iCEBreaker's when the model
+    fits it, else a fabric sized to it, else the emulator's virtual geometry, as ``dtm sample`` on the reference
+    backend). A model no such fabric runs is a usage error naming the file."""
+    from .compiler import ModelError
+    try:
+        return model.compile(fabric, allow_virtual=fabric is None)
+    except (ModelError, TopologyError) as exc:
+        raise _usage(f"{path}: {exc}") from None
 
 
 def _summarise(name, sweeps, reports) -> dict:
@@ -1061,7 +1074,8 @@ def register(subparsers):
     p.add_argument("--components", type=_positive("component count"), default=50, help="Bernoulli mixture size")
     p.add_argument("--samples", action="append", metavar="FILE.npy", help="also score these images (N, H, W)")
     p.add_argument("--no-float", action="store_true", help="skip the float (unquantised) DTM")
-    p.add_argument("--fabric", help="fabric preset or auto for the quantised runs (default: icebreaker)")
+    p.add_argument("--fabric", help="fabric preset or auto for the quantised runs (default: the iCEBreaker's "
+                                    "when the model fits it, else one sized to it)")
     p.add_argument("--json", metavar="OUT.json", help="also write the figures as JSON")
     p.set_defaults(func=cmd_eval)
     return parser

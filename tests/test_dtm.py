@@ -343,6 +343,18 @@ def test_cli_bad_input_exits_2_and_leaves_no_file(argv, message, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
 
 
+@pytest.mark.parametrize("fabric, message", [("icebreaker", "(2, 1)] are not wired"), ("auto", "degree 12")])
+def test_cli_eval_refuses_a_model_the_fabric_cannot_run(fabric, message, tmp_path, capsys):
+    # three jumps make degree 12: more weights than the fabric's weight word holds (checked before sampling)
+    layout = dtm.Layout.spaced(8, 8, jumps=((0, 1), (4, 3), (2, 1)))
+    model = dtm.DTM.initial(layout, dtm.geometric_schedule(2), sweeps=2)
+    path, out = tmp_path / "d12.npz", tmp_path / "figures.json"
+    dtm.save(path, model)
+    code, _, err = run(["dtm", "eval", str(path), "--fabric", fabric, "--mebm", "none", "--json", str(out)], capsys)
+    assert code == 2 and "d12.npz" in err and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_cli_device_failures_exit_1_without_output(tmp_path, capsys):
     # the chain goes to the board through opentsu.backends; a port that does not exist is a device failure
     out = tmp_path / "s.npy"
