@@ -24,7 +24,7 @@ from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROT
                        Command, Flags, FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame,
                        word_bytes)
 
-__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError",
+__all__ = ["Transport", "SerialTransport", "SimTransport", "HostLatency", "Link", "Device", "LinkError",
            "DeviceRejected", "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
 
 #: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
@@ -222,6 +222,55 @@ class SimTransport(Transport):
         if self._vcd is not None:
             self._vcd.__exit__(None, None, None)
             self._vcd = None
+
+
+class HostLatency(Transport):
+    """A simulated device (``SimTransport``, ``VerilatorTransport``) seen by a host that is slow to turn
+    around: every byte from the device reaches ``read_some`` ``latency`` seconds of device time after the
+    device sent it, as behind a USB serial adapter whose latency timer holds short reads back (an FT2232H:
+    1 ms at best); bytes to the device go out at once. For measuring what that latency costs.
+
+    The device is advanced ``step`` seconds at a time; a byte counts as sent at the end of the step in
+    which it arrived, so the host sees it between ``latency`` and ``latency + step`` after it was sent.
+    """
+
+    def __init__(self, inner: Transport, latency: float, *, step: float = 1e-5):
+        if latency < 0 or step <= 0:
+            raise ValueError(f"need a latency >= 0 and a step > 0, not {latency!r}, {step!r}")
+        self.inner = inner
+        self.latency = latency
+        self.step = step
+        self._arrived = collections.deque()   # (device time the host sees them, bytes)
+
+    def _advance(self, until: float) -> None:
+        """Run the device one step toward device time ``until``, keeping what it sends with when it is due."""
+        data = self.inner.read_some(min(self.step, until - self.inner.now()))
+        if data:
+            self._arrived.append((self.inner.now() + self.latency, data))
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(data)
+
+    def read_some(self, timeout: float) -> bytes:
+        deadline = self.inner.now() + max(0.0, timeout)
+        while True:
+            out = bytearray()
+            while self._arrived and self._arrived[0][0] <= self.inner.now():
+                out += self._arrived.popleft()[1]
+            if out or self.inner.now() >= deadline:
+                return bytes(out)
+            self._advance(min(deadline, self._arrived[0][0]) if self._arrived else deadline)
+
+    def now(self) -> float:
+        return self.inner.now()
+
+    def idle(self, seconds: float) -> None:
+        until = self.inner.now() + max(0.0, seconds)
+        while self.inner.now() < until:
+            self._advance(until)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 # ------------------------------------------------------------------------------------------------- link
