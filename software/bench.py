@@ -10,6 +10,9 @@
     Clock cycles per second of the whole device (UART, command engine, FIFO, fabric) in Amaranth's simulator
     and in its Verilator build, on the same device and the same host session; their ratio; and Verilator's
     rate running free and while sampling a real program.
+``link``
+    Samples per second of device time over the UART from the Verilator device, with a model of the host's
+    turnaround latency, with and without a SAMPLES request queued in the device.
 ``fabric_report``
     The fabric's flips/ns from ``opentsu build``'s ``report.json``.
 ``suite``
@@ -34,7 +37,7 @@ import numpy as np
 from .compiler import Program
 from .model import IsingModel
 
-__all__ = ["emulator", "thrml", "simulators", "fabric_report", "scaling", "suite", "grid_benchmark_model",
+__all__ = ["emulator", "thrml", "simulators", "link", "fabric_report", "scaling", "suite", "grid_benchmark_model",
            "format_table"]
 
 
@@ -287,6 +290,63 @@ def simulators(fabric="icebreaker", samples: int = 2, burn_in: int = 20, min_sec
     return out
 
 
+# -- the UART link ---------------------------------------------------------------------------------------
+
+def link(fabric="icebreaker", samples: int = 2000, latencies=(0.0, 0.001), step: float = 1e-5) -> dict:
+    """Samples per second of *device* time that the host driver draws from the Verilator device over the
+    UART, for ``fabric`` (a preset name or a ``FabricConfig``), for each host turnaround latency in
+    ``latencies`` (seconds, ``link.HostLatency`` advancing the device ``step`` seconds at a time), with one
+    SAMPLES request queued behind the one being answered (the driver's default) and without. The fabric
+    outruns the UART, so the figures are the link's.
+
+    Each case runs ``Device.run`` (seeds, sequence, START, drain) twice, on a short and a long sampling
+    sequence at thin 1 (about ``samples`` samples). ``samples_per_s`` is the drain's rate: the extra samples
+    of the long run over its extra time, so the start costs nothing; the two runs differ by whole pairs of
+    full responses, so they also end alike. ``run_samples_per_s`` is the long run's, start included.
+    ``line_samples_per_s`` is what the line carries with no gap: full SAMPLES responses (the FIFO's words
+    and the one in its output register) back to back.
+    """
+    import math
+
+    from . import verilator
+    from .compiler import compile_model
+    from .fabric import PRESETS
+    from .link import Device, HostLatency
+    from .protocol import FRAME_OVERHEAD, SAMPLE_INDEX_BYTES
+    from .sequence import sampling_sequence
+
+    config = PRESETS[fabric] if isinstance(fabric, str) else fabric
+    program = compile_model(grid_benchmark_model(config.rows, config.cols, seed=5, jumps=config.jumps, torus=True),
+                            fabric=config)
+    g = program.geometry
+    clock, divisor = verilator.CLOCK_HZ, verilator.DIVISOR
+    build = verilator.build(g, clock_hz=clock, divisor=divisor)
+    out = {"benchmark": "link", "fabric": fabric if isinstance(fabric, str) else "custom", "geometry": g.describe(),
+           "clock_hz": clock, "divisor": divisor, "baud": clock // divisor, "runs": []}
+    with verilator.VerilatorTransport(build.executable, clock_hz=clock, divisor=divisor) as transport:
+        ident = Device(transport, timeout=0.005).identity
+        words = ident.fifo_depth + 1
+        response = FRAME_OVERHEAD + 1 + SAMPLE_INDEX_BYTES + words * ident.sample_word_bytes
+        out["line_samples_per_s"] = round(words / g.cycles * clock / (10 * divisor * response))
+        period = math.lcm(2 * words, g.cycles) // g.cycles       # samples in a whole number of response pairs
+        short = period
+        long = short + period * max(1, round((samples - short) / period))
+        out["samples"] = [short, long]
+        Device(transport, timeout=0.005).load_program(program)
+        for latency in latencies:
+            for queued in (True, False):
+                device = Device(HostLatency(transport, latency, step=step), timeout=0.005, queue_samples=queued)
+                seconds = []
+                for count in (short, long):
+                    start = transport.now()
+                    device.run(program, sampling_sequence(count, 0, 1), seed=1, chain=len(out["runs"]))
+                    seconds.append(transport.now() - start)
+                out["runs"].append({"host_latency_ms": latency * 1e3, "queued": queued,
+                                    "samples_per_s": round((long - short) / (seconds[1] - seconds[0])),
+                                    "run_samples_per_s": round(long / seconds[1]), "resent": device.link.resent})
+    return out
+
+
 # -- the fabric ------------------------------------------------------------------------------------------
 
 def fabric_report(path) -> dict:
@@ -458,16 +518,16 @@ def add_arguments(parser) -> None:
 
 
 def run_cli(args) -> None:
-    """``opentsu bench simulators`` and ``opentsu bench suite``."""
+    """``opentsu bench simulators``, ``opentsu bench link`` and ``opentsu bench suite``."""
     from .cli import DeviceError, UsageError, _load_program
     from .link import LinkError
     fabric = args.fabric or "icebreaker"
-    if args.what == "simulators":
+    if args.what in ("simulators", "link"):
         from .fabric import PRESETS
         if fabric not in PRESETS:
-            raise UsageError(f"bench simulators needs a fabric preset ({', '.join(PRESETS)}), not {fabric!r}")
+            raise UsageError(f"bench {args.what} needs a fabric preset ({', '.join(PRESETS)}), not {fabric!r}")
         try:
-            print(json.dumps(simulators(fabric)))
+            print(json.dumps((simulators if args.what == "simulators" else link)(fabric)))
         except LinkError as exc:
             raise DeviceError(str(exc)) from None
         return

@@ -150,7 +150,7 @@ def cmd_bench(args):
                 result["speedup_vs_thrml"] = round(result["flips_per_s"] / result["thrml_flips_per_s"], 2)
         print(json.dumps(result))
     else:
-        bench.run_cli(args)   # simulators, suite
+        bench.run_cli(args)   # simulators, link, suite
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=_positive("lane count"), help="update lanes of an auto fabric")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("bench", help="benchmarks: emulator (a JSON line), simulators, suite (table, JSON, plots)")
-    p.add_argument("what", choices=("emulator", "simulators", "suite"))
+    p = sub.add_parser("bench", help="benchmarks: emulator (a JSON line), simulators, link, suite (table, JSON, "
+                                     "plots)")
+    p.add_argument("what", choices=("emulator", "simulators", "link", "suite"))
     p.add_argument("model", nargs="?", metavar="MODEL.npz")
     p.add_argument("--chains", type=_positive("chain count"), default=64)
     p.add_argument("--sweeps", type=_positive("sweep count"), default=200)

@@ -20,11 +20,12 @@ import collections
 import struct
 import time
 
-from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, Command, Flags,
-                       FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame, word_bytes)
+from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, SAMPLE_INDEX_BYTES,
+                       Command, Flags, FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame,
+                       word_bytes)
 
-__all__ = ["Transport", "SerialTransport", "SimTransport", "Link", "Device", "LinkError", "DeviceRejected",
-           "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
+__all__ = ["Transport", "SerialTransport", "SimTransport", "HostLatency", "Link", "Device", "LinkError",
+           "DeviceRejected", "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
 
 #: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
 FORMATS_REVISION = 1
@@ -223,6 +224,55 @@ class SimTransport(Transport):
             self._vcd = None
 
 
+class HostLatency(Transport):
+    """A simulated device (``SimTransport``, ``VerilatorTransport``) seen by a host that is slow to turn
+    around: every byte from the device reaches ``read_some`` ``latency`` seconds of device time after the
+    device sent it, as behind a USB serial adapter whose latency timer holds short reads back (an FT2232H:
+    1 ms at best); bytes to the device go out at once. For measuring what that latency costs.
+
+    The device is advanced ``step`` seconds at a time; a byte counts as sent at the end of the step in
+    which it arrived, so the host sees it between ``latency`` and ``latency + step`` after it was sent.
+    """
+
+    def __init__(self, inner: Transport, latency: float, *, step: float = 1e-5):
+        if latency < 0 or step <= 0:
+            raise ValueError(f"need a latency >= 0 and a step > 0, not {latency!r}, {step!r}")
+        self.inner = inner
+        self.latency = latency
+        self.step = step
+        self._arrived = collections.deque()   # (device time the host sees them, bytes)
+
+    def _advance(self, until: float) -> None:
+        """Run the device one step toward device time ``until``, keeping what it sends with when it is due."""
+        data = self.inner.read_some(min(self.step, until - self.inner.now()))
+        if data:
+            self._arrived.append((self.inner.now() + self.latency, data))
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(data)
+
+    def read_some(self, timeout: float) -> bytes:
+        deadline = self.inner.now() + max(0.0, timeout)
+        while True:
+            out = bytearray()
+            while self._arrived and self._arrived[0][0] <= self.inner.now():
+                out += self._arrived.popleft()[1]
+            if out or self.inner.now() >= deadline:
+                return bytes(out)
+            self._advance(min(deadline, self._arrived[0][0]) if self._arrived else deadline)
+
+    def now(self) -> float:
+        return self.inner.now()
+
+    def idle(self, seconds: float) -> None:
+        until = self.inner.now() + max(0.0, seconds)
+        while self.inner.now() < until:
+            self._advance(until)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 # ------------------------------------------------------------------------------------------------- link
 
 class Link:
@@ -336,6 +386,26 @@ class Link:
             raise DeviceRejected(command, last_result)
         raise LinkError(f"{Command(command).name}: {last} after {self.retries + 1} attempts")
 
+    def post(self, command: Command, payload: bytes = b"") -> int:
+        """Send one request and return its sequence number, without waiting for the response (``collect``
+        it). No retries: the caller decides what a missing answer means, and keeps to the flow-control
+        rules of ``docs/protocol.md`` (a request that completes while the device already holds one waiting
+        request is lost to receiver overruns)."""
+        seq = self._next_seq()
+        self.transport.write(encode_frame(command, seq, payload))
+        return seq
+
+    def collect(self, seqs, timeout: float):
+        """The next response echoing one of ``seqs`` (requests ``post``ed), as ``(seq, result, body)`` with
+        ``result`` a ``Result``, or None for a frame the host cannot use (``body`` then says why); None when
+        no such response comes within ``timeout`` seconds. The device answers in order, so a response
+        also means that no answer will come for a request posted before it."""
+        response = self._receive(set(seqs), timeout)
+        if response is None:
+            return None
+        result, body = self._classify(response)
+        return response[1], result, body
+
     def pipeline(self, command: Command, payloads, *, window: int = 16) -> list[bytes]:
         """Send ``payloads`` as requests back to back, up to ``window`` awaiting their responses, and return
         the response payloads in order.
@@ -416,10 +486,15 @@ class Device:
     One class for every transport; the simulated board, Verilator and a real board differ only in the
     ``Transport`` underneath. Construction sends IDENTIFY and checks the protocol version and number
     formats; ``identity`` holds the answer and ``flags`` the device flags of the latest response.
+
+    ``queue_samples`` (default True): while a run streams capture words, keep one SAMPLES request waiting
+    in the device behind the one it is answering (``run``), so the host's turnaround does not leave the
+    line idle; False sends each SAMPLES request only after the previous response (for comparisons).
     """
 
-    def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3):
+    def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3, *, queue_samples: bool = True):
         self.link = Link(transport, timeout=timeout, retries=retries)
+        self.queue_samples = bool(queue_samples)
         body = self.link.request(Command.IDENTIFY, response_bytes=64)
         self.flags = Flags(body[0] & 0xF)
         try:
@@ -540,11 +615,15 @@ class Device:
         size = self.identity.sample_word_bytes
         longest = min(max_words, self.identity.fifo_depth + 1)
         body = self._request(Command.SAMPLES, struct.pack("<H", max_words), response_bytes=5 + longest * size)
-        if len(body) < 4 or (len(body) - 4) % size:
+        return self._sample_words(body)
+
+    def _sample_words(self, body):
+        """``(index of the first word, words)`` of a SAMPLES response body (after the flags byte)."""
+        size = self.identity.sample_word_bytes
+        if len(body) < SAMPLE_INDEX_BYTES or (len(body) - SAMPLE_INDEX_BYTES) % size:
             raise LinkError(f"a SAMPLES response of {len(body)} bytes does not hold whole words")
-        first = int.from_bytes(body[:4], "little")
-        words = [int.from_bytes(body[4 + k * size:4 + (k + 1) * size], "little")
-                 for k in range((len(body) - 4) // size)]
+        first = int.from_bytes(body[:SAMPLE_INDEX_BYTES], "little")
+        words = [int.from_bytes(body[k:k + size], "little") for k in range(SAMPLE_INDEX_BYTES, len(body), size)]
         return first, words
 
     # -- programs and runs
@@ -577,8 +656,11 @@ class Device:
 
         Seeds the lanes for ``chain``, stores the sequence, STARTs it and drains the sample FIFO until every
         capture word has arrived, checking each response's first-word index, so a lost word is an error
-        rather than a shifted sample. ``timeout`` (device seconds) bounds the run; by default it allows
-        four times the fabric's own time plus the time the words take on the UART.
+        rather than a shifted sample. While the responses bring words and the fabric runs, one SAMPLES
+        request waits in the device behind the one it answers (``queue_samples``); otherwise the host sends
+        the next request after the response, pausing up to ``poll`` seconds after an empty one. ``timeout``
+        (device seconds) bounds the run; by default it allows four times the fabric's own time plus the time
+        the words take on the UART. Returns with no request outstanding.
         """
         import numpy as np
         from .devicemap import seed_writes, sequence_writes, unpack_capture
@@ -597,40 +679,126 @@ class Device:
         self.start()
         started = self.transport.now()
         deadline = started + timeout
-        words = []
-        finished_empty = 0
-        while len(words) < expected:
-            first, got = self.read_samples(min(4096, expected - len(words)))
-            if first != len(words):
-                raise LinkError(f"the sample stream lost words: expected word {len(words)} next, the device "
-                                f"sent word {first}")
-            words += got
-            if got:
-                finished_empty = 0
-                continue
-            if not self.flags & Flags.RUNNING:
-                # Not running and nothing waiting, twice in a row (the first time, the last words may have
-                # entered the FIFO after the device counted it): the run ended short.
-                finished_empty += 1
-                if finished_empty >= 2:
-                    raise LinkError(f"the device finished the sequence after {len(words)} of {expected} capture "
-                                    f"words{self._fabric_problem()}")
-                continue
-            if self.transport.now() > deadline:
-                self.stop()
-                raise LinkError(f"the device produced {len(words)} of {expected} capture words in "
-                                f"{timeout:.3g} s (device time)")
+
+        def pause():
             left = fabric_time - (self.transport.now() - started)
             self.transport.idle(min(poll, max(20 * self.link.byte_time, left)))
+
+        words = self._drain(expected, deadline, timeout, pause)
         while accumulates and self.flags & Flags.RUNNING:   # moments are complete when the run ends
             if self.transport.now() > deadline:
                 self.stop()
                 raise LinkError(f"the device did not finish its accumulation in {timeout:.3g} s (device time)")
-            left = fabric_time - (self.transport.now() - started)
-            self.transport.idle(min(poll, max(20 * self.link.byte_time, left)))
+            pause()
             self.status()
         caps = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, expected, g.cycles)]
         return np.array(caps, dtype=np.int8).reshape(-1, g.n)
+
+    def _drain(self, expected: int, deadline: float, timeout: float, pause) -> list[int]:
+        """The ``expected`` capture words of the run just started, read with SAMPLES requests.
+
+        At most two requests are outstanding, and a second one only while the last response brought words
+        and said the fabric runs: then the device answers one while the other waits, which is all its
+        receiver allows (``docs/protocol.md``, flow control). A new request goes out only once a whole
+        response has arrived. Any anomaly (no answer, an unusable frame, a retryable error result) drops
+        the pipeline: the requests still in flight are answered or given up before the next one goes out
+        alone, and the first-word index of the next response shows whether words were lost. More than
+        ``retries`` anomalies in a row raise ``LinkError``. Returns, or raises, with no request in flight.
+        """
+        link = self.link
+        size = self.identity.sample_word_bytes
+        # Wire time of one exchange: the request, and the longest response (the FIFO's words and the one
+        # in its output register).
+        request_bytes = len(encode_frame(Command.SAMPLES, 0, bytes(2)))
+        response_bytes = FRAME_OVERHEAD + 1 + SAMPLE_INDEX_BYTES + (self.identity.fifo_depth + 1) * size
+        exchange = (request_bytes + response_bytes) * link.byte_time
+        words = []
+        inflight = collections.deque()    # sequence numbers of the SAMPLES requests not answered yet, oldest first
+        queue = False                     # keep a second request waiting behind the one being answered
+        failures = 0
+        finished_empty = 0
+
+        def anomaly(reason, result=None):
+            nonlocal failures, queue
+            failures += 1
+            queue = False
+            if failures > link.retries:
+                if result is Result.BAD_LENGTH:
+                    raise DeviceRejected(Command.SAMPLES, result)
+                raise LinkError(f"SAMPLES: {reason} after {failures} attempts")
+            link.resent += 1              # the next request takes its place
+
+        try:
+            while len(words) < expected or inflight:
+                if len(words) < expected:
+                    while len(inflight) < (2 if queue else 1):
+                        inflight.append(link.post(Command.SAMPLES, struct.pack("<H", min(4096, expected - len(words)))))
+                answer = link.collect(inflight, link.timeout + len(inflight) * exchange)
+                if answer is None:        # nothing for any request in flight within their time
+                    inflight.clear()
+                    anomaly("no answer")
+                    continue
+                seq, result, body = answer
+                skipped = inflight.index(seq)     # answered in order: those before it got no answer
+                for _ in range(skipped + 1):
+                    inflight.popleft()
+                for _ in range(skipped):
+                    anomaly("no answer")
+                if result is None:
+                    anomaly(body)
+                    continue
+                if result in Link.RETRYABLE:
+                    anomaly(f"the device reported {result.name}", result)
+                    continue
+                if result is not Result.OK:
+                    raise DeviceRejected(Command.SAMPLES, result)
+                self.flags = Flags(body[0] & 0xF)
+                first, got = self._sample_words(body[1:])
+                if first != len(words):
+                    raise LinkError(f"the sample stream lost words: expected word {len(words)} next, the device "
+                                    f"sent word {first}")
+                words += got
+                if len(words) > expected:
+                    raise LinkError(f"the device sent {len(words)} capture words; the sequence makes {expected}")
+                failures = 0
+                running = bool(self.flags & Flags.RUNNING)
+                queue = self.queue_samples and running and bool(got)
+                if got:
+                    finished_empty = 0
+                    continue
+                if not running:
+                    # Not running and nothing waiting, twice in a row (the first time, the last words may have
+                    # entered the FIFO after the device counted it): the run ended short.
+                    finished_empty += 1
+                    if finished_empty >= 2:
+                        raise LinkError(f"the device finished the sequence after {len(words)} of {expected} "
+                                        f"capture words{self._fabric_problem()}")
+                    continue
+                if inflight:              # the request already waiting is the next poll
+                    continue
+                if self.transport.now() > deadline:
+                    self.stop()
+                    raise LinkError(f"the device produced {len(words)} of {expected} capture words in "
+                                    f"{timeout:.3g} s (device time)")
+                pause()
+        except (LinkError, DeviceRejected):
+            self._settle(inflight, exchange)
+            raise
+        return words
+
+    def _settle(self, inflight, exchange: float) -> None:
+        """Wait for the answers to the requests in ``inflight`` (or their time), so that none arrives
+        behind the next request; the answers are dropped."""
+        try:
+            while inflight:
+                answer = self.link.collect(inflight, self.link.timeout + len(inflight) * exchange)
+                if answer is None:
+                    break
+                while inflight and inflight.popleft() != answer[0]:
+                    pass
+        except LinkError:
+            pass
+        inflight.clear()
 
     def read_moments(self, program):
         """The on-chip moments of the last run (``emulator.Moments`` of one chain, by fabric node)."""

@@ -32,9 +32,10 @@ region or an out-of-range offset or count, memory access while a sequence runs (
 whose bytes stop arriving for ``TIMEOUT_BIT_TIMES`` bit times. It hunts for the next sync after any of
 them. Bytes outside frames are ignored.
 
-Flow control: the host may pipeline WRITEs (each response is shorter than its request); any other request
-waits for its response. A START that repeats the sequence number of the request executed just before is
-a resend and does not start the fabric again. See ``docs/protocol.md``.
+Flow control: the host may pipeline WRITEs (each response is shorter than its request) and keep one
+SAMPLES request waiting in the device behind the one being answered (sending the next only once a whole
+response has arrived); any other request waits for its response. A START that repeats the sequence number
+of the request executed just before is a resend and does not start the fabric again. See ``docs/protocol.md``.
 """
 
 from __future__ import annotations

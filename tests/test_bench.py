@@ -109,6 +109,24 @@ def test_simulators_compare_amaranth_and_verilator():
     assert result["verilator_free_sweeps"] == pytest.approx(2_000_000 / program.geometry.cycles, rel=0.01)
 
 
+def test_link_bench_measures_the_queued_and_the_plain_drain():
+    program = compile_model(grid_model(**MODEL), fabric="auto")    # the device test_verilator builds
+    result = bench.link(program.geometry.config, samples=500, latencies=(0.001,))
+    # 257 words a full response (the FIFO and its output register), 4 to a sample, 270 bytes of 10 bits.
+    assert result["line_samples_per_s"] == round(257 / 4 * 3e6 / 10 / 270)
+    # Two runs per case, apart by whole pairs of full responses (514 words).
+    assert result["samples"] == [257, 514]
+    queued, plain = result["runs"]
+    assert queued["queued"] and not plain["queued"] and queued["host_latency_ms"] == plain["host_latency_ms"] == 1
+    assert queued["samples_per_s"] > 1.8 * plain["samples_per_s"]
+    assert queued["samples_per_s"] > queued["run_samples_per_s"] and queued["resent"] == plain["resent"] == 0
+
+
+def test_link_bench_needs_a_preset(capsys):
+    assert main(["bench", "link", "--fabric", "8x8"]) == 2
+    assert "bench link needs a fabric preset" in capsys.readouterr().err
+
+
 def test_suite_writes_table_json_and_plots(tmp_path, capsys):
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"board": "icebreaker", "clock_mhz": 48.0, "updates_per_cycle": 8.0,

@@ -5,6 +5,7 @@ port is a pseudo-terminal pair (``os.openpty``) whose far end is silent or runs 
 The gateware's own behaviour is tested in ``test_protocol.py``.
 """
 
+import collections
 import os
 import struct
 import threading
@@ -190,6 +191,158 @@ def test_a_run_that_never_ends_times_out_and_stops_the_device(program):
         device.run(program, sampling_sequence(2, 0, 1), seed=0, chain=0, timeout=0.5)
     assert script.commands[-1] is Command.STOP
     assert 0.5 <= transport.t < 0.6
+
+
+# ------------------------------------------------------------------------------------------------ queued SAMPLES
+
+class Paced(ScriptedDevice):
+    """A ``Script`` that answers one request after the other, as the device does: each read hands the host
+    the next response only. ``faults`` maps the n-th SAMPLES request (from 1) to what goes wrong: ``lose``
+    (executed, but the response never arrives), ``ignore`` (never reaches the device) or ``bad_crc`` (the
+    device saw it corrupted). ``backlog`` lists, per request, its command and those of the responses the
+    host had not read yet when it arrived."""
+
+    def __init__(self, script, faults=None):
+        super().__init__(script)
+        self.faults = dict(faults or {})
+        self.responses = collections.deque()
+        self.backlog = []
+        self.samples_requests = 0
+        self.pauses = 0
+
+    def write(self, data):
+        for code, seq, payload in self.decoder.feed(data):
+            fault = None
+            if code == Command.SAMPLES:
+                self.samples_requests += 1
+                fault = self.faults.get(self.samples_requests)
+            if fault == "ignore":
+                continue
+            self.backlog.append((Command(code), [c for c, _ in self.responses]))
+            if fault == "bad_crc":
+                frame = response(Result.BAD_CRC, seq, bytes([Flags.LINK_ERROR]))
+            else:
+                frame = self.script.handle(code, seq, payload)
+            if fault != "lose":
+                self.responses.append((Command(code), frame))
+
+    def read_some(self, timeout):
+        if not self.responses:
+            self.t += timeout
+            return b""
+        self.t += 1e-4
+        return self.responses.popleft()[1]
+
+    def idle(self, seconds):
+        self.pauses += 1
+        super().idle(seconds)
+
+
+def chunked(words, sizes, stops_at=None, drops=None):
+    """``samples`` for a ``Script``: hands out ``words`` in the n-th response at most ``sizes[n % len]`` of
+    them; the fabric runs until all are handed out, or until word ``stops_at`` is. Word ``drops`` is lost
+    inside the device."""
+    sent, calls = [0], [0]
+
+    def samples(max_words):
+        if sent[0] == drops:
+            sent[0] += 1
+        n = min(sizes[calls[0] % len(sizes)], max_words, len(words) - sent[0])
+        calls[0] += 1
+        first = sent[0]
+        sent[0] += n
+        return first, words[first:sent[0]], sent[0] < (len(words) if stops_at is None else stops_at)
+    return samples
+
+
+def paced(program, captures, sizes, *, faults=None, stops_at=None, drops=None, queue=True):
+    """A ``Paced`` script whose capture words carry their own index, for a sampling sequence of ``captures``
+    captures; returns the transport, a ``Device`` on it, the sequence and the captures the driver must
+    return."""
+    from opentsu.devicemap import unpack_capture
+    g = program.geometry
+    words = [k % (1 << g.lanes) for k in range(captures * g.cycles)]
+    script = Script(identity_for(CONFIG, g.cycles, g.degree), samples=chunked(words, sizes, stops_at, drops))
+    transport = Paced(script, faults)
+    expected = np.array([unpack_capture(words[c * g.cycles:(c + 1) * g.cycles], g) for c in range(captures)])
+    return transport, Device(transport, timeout=0.01, queue_samples=queue), sampling_sequence(captures, 0, 1), expected
+
+
+def run_paced(program, captures, sizes, **options):
+    transport, device, ops, expected = paced(program, captures, sizes, **options)
+    return transport, device, device.run(program, ops, seed=0, chain=0), expected
+
+
+def samples_backlogs(transport):
+    return [len(waiting) for command, waiting in transport.backlog if command is Command.SAMPLES]
+
+
+def test_a_run_keeps_one_samples_request_queued_never_two(program):
+    transport, device, got, expected = run_paced(program, 16, [5])
+    assert np.array_equal(got, expected)
+    # The first request goes alone; once a response brings words, two go out back to back, then one per
+    # response: one always waits behind the response on its way, never two.
+    backlogs = samples_backlogs(transport)
+    assert backlogs[:2] == [0, 0] and set(backlogs[2:]) == {1}
+    # 128 words in responses of 5: 26 responses, and the request queued behind the last one is answered
+    # (empty) before the run returns.
+    assert transport.samples_requests == 27 and not transport.responses
+    assert all(Command.SAMPLES not in waiting for command, waiting in transport.backlog
+               if command is not Command.SAMPLES)
+    assert device.link.resent == 0
+
+
+def test_without_queueing_every_samples_request_waits_for_its_response(program):
+    transport, _, got, expected = run_paced(program, 16, [5], queue=False)
+    assert np.array_equal(got, expected)
+    assert set(samples_backlogs(transport)) == {0} and transport.samples_requests == 26
+
+
+def test_empty_and_short_responses_stop_the_queue_until_words_come(program):
+    transport, _, got, expected = run_paced(program, 6, [0, 0, 3, 1, 0, 7, 2])
+    assert np.array_equal(got, expected)
+    assert max(samples_backlogs(transport)) == 1
+    # After an empty response the host sends nothing until the request already queued is answered, and
+    # after two empty ones in a row it pauses before it asks again.
+    assert transport.pauses >= 2
+
+
+def test_the_queue_stops_when_the_fabric_stops(program):
+    # The fabric stops once word 64 of 96 is in the FIFO; the host then takes the rest one response at a time.
+    transport, _, got, expected = run_paced(program, 12, [10], stops_at=64)
+    assert np.array_equal(got, expected)
+    # Responses of 10 words: the 7th (words 60-69) says the fabric stopped, while request 8 already waits.
+    backlogs = samples_backlogs(transport)
+    assert backlogs[:2] == [0, 0] and set(backlogs[2:8]) == {1}
+    assert set(backlogs[8:]) == {0} and len(backlogs) == 10
+
+
+def test_a_lost_response_with_words_is_a_link_error_not_a_shift(program):
+    with pytest.raises(LinkError, match="lost words: expected word 10 next, the device sent word 15"):
+        run_paced(program, 16, [5], faults={3: "lose"})
+
+
+def test_a_gap_found_with_a_request_queued_is_an_error_once_that_request_is_answered(program):
+    transport, device, ops, _ = paced(program, 16, [5], drops=10)
+    with pytest.raises(LinkError, match="lost words: expected word 10 next, the device sent word 11"):
+        device.run(program, ops, seed=0, chain=0)
+    # The request queued behind the response that showed the gap was answered before the error: nothing
+    # arrives behind the host's next request.
+    assert transport.samples_requests == 4 and not transport.responses
+
+
+@pytest.mark.parametrize("fault", ["lose", "ignore", "bad_crc"])
+def test_a_request_lost_without_words_costs_a_resend_not_samples(program, fault):
+    # The fourth response would be the empty one of [5, 5, 5, 0]: losing it, or its request, loses no word.
+    transport, device, got, expected = run_paced(program, 16, [5, 5, 5, 0], faults={4: fault})
+    assert np.array_equal(got, expected)
+    assert device.link.resent == 1 and max(samples_backlogs(transport)) == 1 and not transport.responses
+
+
+def test_a_device_that_stops_answering_samples_is_a_link_error(program):
+    faults = {k: "ignore" for k in range(3, 40)}
+    with pytest.raises(LinkError, match=r"^SAMPLES: no answer after 4 attempts$"):
+        run_paced(program, 16, [5], faults=faults)
 
 
 # ------------------------------------------------------------------------------------------------ serial ports

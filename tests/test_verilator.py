@@ -25,7 +25,7 @@ from opentsu.emulator import Emulator, sample
 from opentsu.exact import moment_errors
 from opentsu.formats import SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.rng import LaneRNG
-from opentsu.link import Device
+from opentsu.link import Device, HostLatency
 from opentsu.model import save_model
 from opentsu.sequence import sampling_sequence
 
@@ -180,6 +180,9 @@ def test_distribution_through_the_device_matches_exact_enumeration(model, progra
         device = Device(transport, timeout=0.005)
         device.load_program(program)
         runs = [device.run(program, ops, seed=seed, chain=c)[:, program.node_map] for c in range(chains)]
+        # Drained with a SAMPLES request always queued behind the one being answered: nothing overran.
+        status = device.status()
+        assert (status.overruns, status.crc_errors, status.timeouts, device.link.resent) == (0, 0, 0, 0)
     samples = np.stack(runs)
     assert samples.shape == (chains, per_chain, model.n)
     # Bit for bit what the reference computes, all 10^5 samples of them...
@@ -192,6 +195,49 @@ def test_distribution_through_the_device_matches_exact_enumeration(model, progra
     z_mean, z_pair = moment_errors(samples, model)
     assert np.abs(z_mean).max() < 4, z_mean
     assert np.abs(z_pair).max() < 4, z_pair
+
+
+def test_queued_samples_hide_the_host_latency(program, device_build):
+    """With the host's turnaround modelled (``HostLatency``: it sees each byte 1 ms after the device sent
+    it, as behind an FT2232H), one SAMPLES request queued in the device keeps the line busy: bit for bit
+    the same samples, no overrun, and about twice the rate of one request per response. Rates are those of
+    the drain: the difference of a long and a short run, whose starts (seeds, sequence, START) cost the same
+    and whose ends come at the same point of a pair of full responses (257 words each, 4 to a sample)."""
+    g = program.geometry
+    lengths = (250, 250 + 4 * 257)
+    runs = {n: sampling_sequence(n, burn_in=0, thin=1) for n in lengths}
+    reference = {n: Emulator(program, chains=1, seed=5, first_chain=0).run(ops, full=True)[0]
+                 for n, ops in runs.items()}
+    rate = {}
+    with open_transport(device_build) as transport:
+        Device(transport, timeout=0.005).load_program(program)
+        for latency in (0.0, 0.001):
+            for queued in (True, False):
+                device = Device(HostLatency(transport, latency), timeout=0.005, queue_samples=queued)
+                seconds = {}
+                for n, ops in runs.items():
+                    start = transport.now()
+                    assert np.array_equal(device.run(program, ops, seed=5, chain=0), reference[n])
+                    seconds[n] = transport.now() - start
+                rate[latency, queued] = (lengths[1] - lengths[0]) / (seconds[lengths[1]] - seconds[lengths[0]])
+                status = device.status()
+                assert (status.overruns, status.crc_errors, status.timeouts, status.rejected) == (0, 0, 0, 0)
+                assert device.link.resent == 0 and device.link.garbage == 0
+    # A full response: 8 bytes of frame, the flags, the index and the FIFO's 256 words with the one in its
+    # output register, 4 to a sample; a request is 10 bytes; a byte is 10 bits at 3 Mbaud.
+    byte = 10 / 3e6
+    response, request, per_response = (8 + 1 + 4 + 257) * byte, 10 * byte, 257 / g.cycles
+    # The measured rate over the one each case is expected to make (less the engine's turnaround and the
+    # model's 10 µs read steps).
+    def ratio(case, seconds_per_response):
+        return rate[case] * seconds_per_response / per_response
+    # Queued, responses follow each other: the line's rate.
+    assert 0.98 < ratio((0.0, True), response) < 1.005
+    # One request per response: each response also waits for the next request (and the host's 1 ms).
+    assert 0.98 < ratio((0.0, False), response + request) < 1.005
+    assert 0.98 < ratio((0.001, False), response + request + 0.001) < 1.005
+    # Queued with 1 ms of latency, longer than a response: two responses per turnaround.
+    assert 0.98 < ratio((0.001, True), (response + request + 0.001) / 2) < 1.005
 
 
 # -- lane generators ----------------------------------------------------------------------------------------
