@@ -495,6 +495,9 @@ class Device:
     def __init__(self, transport: Transport, timeout: float = 0.5, retries: int = 3, *, queue_samples: bool = True):
         self.link = Link(transport, timeout=timeout, retries=retries)
         self.queue_samples = bool(queue_samples)
+        # A run that ended in an exception may leave the fabric running and capture words in the FIFO, which
+        # START does not empty: the next run RESETs first, so they cannot pass for its own first words.
+        self._run_interrupted = False
         body = self.link.request(Command.IDENTIFY, response_bytes=64)
         self.flags = Flags(body[0] & 0xF)
         try:
@@ -598,15 +601,18 @@ class Device:
         self._request(Command.STOP)
 
     def reset(self, timeout: float = 1.0) -> None:
-        """RESET (stop the fabric, empty the sample FIFO, clear the link counters) until the fabric is idle:
-        a capture blocked on a full FIFO only ends once the FIFO is emptied."""
+        """RESET (stop the fabric, empty the sample FIFO, clear the link counters) until the fabric is idle
+        and the FIFO empty: a capture blocked on a full FIFO only ends once the FIFO is emptied, and then
+        pushes the rest of its words, which must not pass for the next run's."""
         deadline = self.transport.now() + timeout
         while True:
             self._request(Command.RESET)
-            if not self.status().fabric_status & 1:
+            status = self.status()
+            if not status.fabric_status & 1 and not status.samples_waiting:
                 return
             if self.transport.now() > deadline:
-                raise LinkError("the fabric did not stop after RESET")
+                raise LinkError(f"the fabric did not stop after RESET ({status.samples_waiting} capture words "
+                                f"still waiting)")
             self.transport.idle(20 * self.link.byte_time)
 
     def read_samples(self, max_words: int = 4096):
@@ -660,7 +666,8 @@ class Device:
         request waits in the device behind the one it answers (``queue_samples``); otherwise the host sends
         the next request after the response, pausing up to ``poll`` seconds after an empty one. ``timeout``
         (device seconds) bounds the run; by default it allows four times the fabric's own time plus the time
-        the words take on the UART. Returns with no request outstanding.
+        the words take on the UART. Returns with no request outstanding. After a run that raised (the
+        link failed, or the caller was interrupted), the next run first RESETs the device.
         """
         import numpy as np
         from .devicemap import seed_writes, sequence_writes, unpack_capture
@@ -670,6 +677,10 @@ class Device:
         accumulates = any(op.code is Opcode.ACCUMULATE for op in ops)
         if accumulates:
             self.require_moments()
+        if self._run_interrupted:
+            self.reset()
+            self._run_interrupted = False
+        self._run_interrupted = True           # until the run returns
         self.writes(seed_writes(seed, chain, g.lanes) + sequence_writes(ops))
         expected = captures(ops) * g.cycles
         fabric_time = fabric_cycles(ops, g) / ident.clock_hz
@@ -691,6 +702,7 @@ class Device:
                 raise LinkError(f"the device did not finish its accumulation in {timeout:.3g} s (device time)")
             pause()
             self.status()
+        self._run_interrupted = False
         caps = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, expected, g.cycles)]
         return np.array(caps, dtype=np.int8).reshape(-1, g.n)
 

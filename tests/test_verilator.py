@@ -25,8 +25,9 @@ from opentsu.emulator import Emulator, sample
 from opentsu.exact import moment_errors
 from opentsu.formats import SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.rng import LaneRNG
-from opentsu.link import Device, HostLatency
+from opentsu.link import Device, HostLatency, LinkError, Transport
 from opentsu.model import save_model
+from opentsu.protocol import Command, FrameDecoder
 from opentsu.sequence import sampling_sequence
 
 from .util import grid_model
@@ -238,6 +239,60 @@ def test_queued_samples_hide_the_host_latency(program, device_build):
     assert 0.98 < ratio((0.001, False), response + request + 0.001) < 1.005
     # Queued with 1 ms of latency, longer than a response: two responses per turnaround.
     assert 0.98 < ratio((0.001, True), (response + request + 0.001) / 2) < 1.005
+
+
+class Unplugged(Transport):
+    """``inner``; once ``armed``, the read after the host's first SAMPLES request raises, as a cable pulled
+    mid-run would."""
+
+    def __init__(self, inner):
+        self.inner, self.armed, self.unplug = inner, False, False
+        self._requests = FrameDecoder()
+
+    def write(self, data):
+        if any(code == Command.SAMPLES for code, _, _ in self._requests.feed(data)) and self.armed:
+            self.armed, self.unplug = False, True
+        self.inner.write(data)
+
+    def read_some(self, timeout):
+        if self.unplug:
+            self.unplug = False
+            raise LinkError("unplugged")
+        return self.inner.read_some(timeout)
+
+    def now(self):
+        return self.inner.now()
+
+    def idle(self, seconds):
+        self.inner.idle(seconds)
+
+
+def test_a_run_after_an_interrupted_one_gets_its_own_samples(program, device_build):
+    """A run that fails half way leaves the fabric running, blocked on a full FIFO (START does not empty it),
+    and after a RESET the blocked capture still pushes the rest of its words: the next run must still
+    return exactly its own samples."""
+    long_run, short_run = sampling_sequence(2000, burn_in=0, thin=1), sampling_sequence(30, burn_in=3, thin=2)
+    reference = Emulator(program, chains=1, seed=9, first_chain=0).run(short_run, full=True)[0]
+    with open_transport(device_build) as transport:
+        line = Unplugged(transport)
+        device = Device(line, timeout=0.005)
+        device.load_program(program)
+        line.armed = True
+        with pytest.raises(LinkError, match="unplugged"):
+            device.run(program, long_run, seed=5, chain=0)
+        transport.idle(0.002)                      # the fabric fills the FIFO meanwhile
+        assert device.status().fabric_status & 1   # still running: the failed run left it so
+        assert np.array_equal(device.run(program, short_run, seed=9, chain=0), reference)
+        # The same, left behind by another host process: a new driver RESETs as the backends do on opening.
+        line.armed = True
+        with pytest.raises(LinkError, match="unplugged"):
+            device.run(program, long_run, seed=5, chain=0)
+        transport.idle(0.002)
+        fresh = Device(transport, timeout=0.005)
+        fresh.reset()
+        status = fresh.status()
+        assert (status.fabric_status & 1, status.samples_waiting) == (0, 0)
+        assert np.array_equal(fresh.run(program, short_run, seed=9, chain=0), reference)
 
 
 # -- lane generators ----------------------------------------------------------------------------------------
