@@ -7,9 +7,10 @@ cells the gateware instantiates itself) with yosys's models of them. Every other
 memories, so only these tests see a wrong hookup of a primitive: the host driver talks to the netlist as to
 a board, and what comes back must be what was written and, for sampling, the emulator's spins bit for bit.
 
-The fabrics are small, to keep the netlists small: a 4×4 torus with 8 lanes and 3 layers on the iCEBreaker
-and the HX8K (every scratch bank and SPRAM in use, 14 weight columns, a layer field in the addresses), with
-2 lanes and 2 layers on the iCEstick, as its preset has.
+Most tests use small fabrics, which compile in under a minute: a 4×4 torus with 8 lanes and 9 layers on the
+iCEBreaker and the HX8K (every SPRAM or scratch bank in use, 14 weight columns, two rows of block RAMs per HX
+scratch bank), with 2 lanes and 2 layers on the iCEstick, as its preset has. The last test runs the
+iCEBreaker's own design (its preset fabric, 30 EBRs and 4 SPRAMs) through the shipped DTM.
 """
 
 import functools
@@ -17,10 +18,10 @@ import functools
 import numpy as np
 import pytest
 
-from opentsu import verilator
+from opentsu import dtm, verilator
 from opentsu.boards import BOARDS
 from opentsu.compiler import FloatLayer, compile_layers, compile_model
-from opentsu.devicemap import SEQUENCE_DEPTH, Region, bank_bits, lane_bits, row
+from opentsu.devicemap import SEQUENCE_DEPTH, Region, bank_bits, lane_bits, program_writes, row
 from opentsu.emulator import Emulator
 from opentsu.fabric import FabricConfig, FabricGeometry
 from opentsu.formats import SEED_STEPS
@@ -36,8 +37,8 @@ from .util import grid_model
 #: The UP5K (EBR weights, SPRAM scratch, moment counters), the HX8K (all EBR) and the iCEstick (all EBR, the
 #: IDENTIFY answer in an EBR's INIT parameters).
 FABRICS = {
-    "icebreaker": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=3, latency=1),
-    "hx8k": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=3, latency=1),
+    "icebreaker": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=9, latency=1),
+    "hx8k": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=9, latency=1),
     "icestick": FabricConfig(4, 4, ((0, 1),), lanes=2, layers=2, latency=1),
 }
 WITH_MOMENTS = tuple(name for name in FABRICS if Fabric.builds_moments(BOARDS[name].target))
@@ -160,26 +161,51 @@ def test_dtm_sequence_matches_the_emulator(gate):
         assert np.array_equal(got[chain], expected_run(program, ops, 11, chain)), chain
 
 
+def check_moments(device, program, layer, seed, chains):
+    """Run an ACCUMULATE sequence on ``layer`` for each chain; the captures and the moment counters read
+    back must be the emulator's."""
+    g = program.geometry
+    # The second LOAD conditions on the randomized spins, not on those the previous chain left.
+    ops = [Op(Opcode.LOAD, layer), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, layer), Op(Opcode.SWEEP, 2),
+           Op(Opcode.THIN, 2), Op(Opcode.ACCUMULATE, 5), Op(Opcode.CAPTURE, 1), Op(Opcode.ACCUMULATE, 4)]
+    active = np.zeros(g.n, dtype=bool)
+    active[g.schedule[g.schedule >= 0]] = True
+    for chain in chains:
+        captures = device.run(program, ops, seed=seed, chain=chain)
+        got = device.read_moments(program)
+        emulator = Emulator(program, chains=1, seed=seed, first_chain=chain)
+        assert np.array_equal(captures, emulator.run(ops, full=True)[0]), chain
+        want = emulator.moments
+        assert got.samples.tolist() == want.samples.tolist() == [9]
+        assert np.array_equal(got.plus[0, active], want.plus[0, active]), chain
+        assert np.array_equal(got.agree[0, active], want.agree[0, active]), chain
+
+
 @pytest.mark.parametrize("board", WITH_MOMENTS)
 def test_moment_counters_match_the_emulator(board):
-    build = gate_build(board)
-    program = conditioned_layers(FABRICS[board], 8)
-    g = program.geometry
     # The counters are SPRAM words read, incremented in `IncrementOrLoad`'s carry cells and written back.
-    # (The second LOAD conditions on the randomized spins, not on those the previous chain left.)
-    ops = [Op(Opcode.LOAD, 1), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, 1), Op(Opcode.SWEEP, 2), Op(Opcode.THIN, 2),
-           Op(Opcode.ACCUMULATE, 5), Op(Opcode.CAPTURE, 1), Op(Opcode.ACCUMULATE, 4)]
-    transport, device = open_device(build)
+    program = conditioned_layers(FABRICS[board], 8)
+    transport, device = open_device(gate_build(board))
     with transport:
         device.load_program(program)
-        for chain in (0, 3):
-            captures = device.run(program, ops, seed=5, chain=chain)
-            got = device.read_moments(program)
-            emulator = Emulator(program, chains=1, seed=5, first_chain=chain)
-            assert np.array_equal(captures, emulator.run(ops, full=True)[0])
-            want = emulator.moments
-            active = np.zeros(g.n, dtype=bool)
-            active[g.schedule[g.schedule >= 0]] = True
-            assert got.samples.tolist() == want.samples.tolist() == [9]
-            assert np.array_equal(got.plus[0, active], want.plus[0, active])
-            assert np.array_equal(got.agree[0, active], want.agree[0, active])
+        check_moments(device, program, layer=len(program.layers) - 1, seed=5, chains=(0, 3))
+
+
+def test_the_icebreaker_design_runs_the_shipped_dtm():
+    """The iCEBreaker's design as built, but for the PLL and the TRNG: the shipped DTM's eight layers load
+    into all 30 EBRs and the SPRAMs (every address bit in use), read back, and denoise as on the emulator."""
+    build = verilator.build(None, board="icebreaker")
+    model = dtm.load(dtm.default_model_path())
+    program = model.compile("icebreaker")
+    ops = dtm.chain_sequence(model.steps, model.sweeps)
+    params = {offset: word for region, offset, word in program_writes(program) if region == Region.PARAMS}
+    transport, device = open_device(build)
+    with transport:
+        assert device.identity == identity_of(program.geometry, build.clock_hz, build.divisor, build.fifo_depth,
+                                              trng=False, moments=True)
+        device.load_program(program)
+        got = device.read_words(Region.PARAMS, 0, max(params) + 1)
+        assert {offset: got[offset] for offset in params} == params
+        images = np.stack([device.run(program, ops, seed=7, chain=chain)[:, program.node_map] for chain in (0, 1)])
+        check_moments(device, program, layer=0, seed=2, chains=(4,))
+    assert np.array_equal(images, Emulator(program, chains=2, seed=7).run(ops))
