@@ -132,6 +132,18 @@ def test_memory_regions_read_back_what_was_written(gate):
         assert not device.status().fabric_status & ~1   # no refused write, no bad sequence
 
 
+def test_undefined_memory_is_random_and_block_rams_start_from_their_init(gate):
+    # An SPRAM's contents are undefined at power-up and the model makes them random (so the other tests show
+    # that nothing depends on them); block RAMs hold their INIT words, 0 for the HX boards' scratch.
+    transport, device = open_device(gate)
+    with transport:
+        words = device.read_words(Region.PARAMS, 0, 32)
+    if BOARDS[gate.board].target == "ice40-up5k":
+        assert len(set(words)) > 16
+    else:
+        assert words == [0] * 32
+
+
 def test_sampling_matches_the_emulator(gate):
     model = grid_model(4, 4, ((0, 1),), torus=True, seed=71, scale=0.6, field=0.3,
                        clamp=[0] * 6 + [1] + [0] * 8 + [-1])
