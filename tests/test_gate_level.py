@@ -7,10 +7,10 @@ cells the gateware instantiates itself) with yosys's models of them. Every other
 memories, so only these tests see a wrong hookup of a primitive: the host driver talks to the netlist as to
 a board, and what comes back must be what was written and, for sampling, the emulator's spins bit for bit.
 
-Most tests use small fabrics, which compile in under a minute: a 4×4 torus with 8 lanes and 9 layers on the
-iCEBreaker and the HX8K (every SPRAM or scratch bank in use, 14 weight columns, two rows of block RAMs per HX
-scratch bank), with 2 lanes and 2 layers on the iCEstick, as its preset has. The last test runs the
-iCEBreaker's own design (its preset fabric, 30 EBRs and 4 SPRAMs) through the shipped DTM.
+The HX8K and iCEstick designs are the boards' own (their preset fabrics; the HX8K's scratch banks are eight
+block RAMs deep). The iCEBreaker's own design takes 2.2 M cycles to load a program over the UART, so most tests
+give it a 4×4 torus with 8 lanes and 9 layers (every SPRAM in use, ten of its address bits, 14 weight
+columns); the last test runs its own design through the shipped DTM.
 """
 
 import functools
@@ -23,7 +23,7 @@ from opentsu.boards import BOARDS
 from opentsu.compiler import FloatLayer, compile_layers, compile_model
 from opentsu.devicemap import SEQUENCE_DEPTH, Region, bank_bits, lane_bits, program_writes, row
 from opentsu.emulator import Emulator
-from opentsu.fabric import FabricConfig, FabricGeometry
+from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 from opentsu.formats import SEED_STEPS
 from opentsu.gateware.device import identity_of
 from opentsu.gateware.fabric import Fabric
@@ -38,8 +38,8 @@ from .util import grid_model
 #: IDENTIFY answer in an EBR's INIT parameters).
 FABRICS = {
     "icebreaker": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=9, latency=1),
-    "hx8k": FabricConfig(4, 4, ((0, 1),), lanes=8, layers=9, latency=1),
-    "icestick": FabricConfig(4, 4, ((0, 1),), lanes=2, layers=2, latency=1),
+    "hx8k": PRESETS["hx8k"],
+    "icestick": PRESETS["icestick"],
 }
 WITH_MOMENTS = tuple(name for name in FABRICS if Fabric.builds_moments(BOARDS[name].target))
 
@@ -61,18 +61,19 @@ def open_device(build):
 
 
 def conditioned_layers(fabric, seed):
-    """As many layers as ``fabric`` holds, on its 4×4 torus, with couplings, biases, conditioning and two
+    """As many layers as ``fabric`` holds, on its whole torus, with couplings, biases, conditioning and two
     clamps each."""
-    grid = Grid(4, 4, ((0, 1),), torus=True)
+    grid = Grid(fabric.rows, fabric.cols, fabric.jumps, torus=True)
+    n = grid.n
     rng = np.random.default_rng(seed)
     layers = []
     for _ in range(fabric.layers):
-        J = np.zeros((16, 16))
+        J = np.zeros((n, n))
         for i, j in grid.edges:
             J[i, j] = J[j, i] = rng.integers(-12, 13) / 8
-        clamp = np.zeros(16, dtype=np.int8)
-        clamp[rng.choice(16, 2, replace=False)] = [1, -1]
-        layers.append(FloatLayer(rng.integers(-8, 9, 16) / 8, J, 1.0, rng.integers(-24, 25, 16) / 8, clamp))
+        clamp = np.zeros(n, dtype=np.int8)
+        clamp[rng.choice(n, 2, replace=False)] = [1, -1]
+        layers.append(FloatLayer(rng.integers(-8, 9, n) / 8, J, 1.0, rng.integers(-24, 25, n) / 8, clamp))
     return compile_layers(grid, layers, fabric=fabric)
 
 
@@ -145,9 +146,11 @@ def test_undefined_memory_is_random_and_block_rams_start_from_their_init(gate):
 
 
 def test_sampling_matches_the_emulator(gate):
-    model = grid_model(4, 4, ((0, 1),), torus=True, seed=71, scale=0.6, field=0.3,
-                       clamp=[0] * 6 + [1] + [0] * 8 + [-1])
-    program = compile_model(model, fabric=FABRICS[gate.board])
+    fabric = FABRICS[gate.board]
+    n = fabric.rows * fabric.cols
+    model = grid_model(fabric.rows, fabric.cols, fabric.jumps, torus=True, seed=71, scale=0.6, field=0.3,
+                       clamp=[0] * 6 + [1] + [0] * (n - 8) + [-1])
+    program = compile_model(model, fabric=fabric)
     ops = sampling_sequence(40, burn_in=4, thin=2)
     transport, device = open_device(gate)
     with transport:
