@@ -13,6 +13,7 @@ give it a 4×4 torus with 8 lanes and 9 layers (every SPRAM in use, ten of its a
 columns); the last test runs its own design through the shipped DTM.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -54,10 +55,12 @@ def gate(request):
     return gate_build(request.param)
 
 
+@contextlib.contextmanager
 def open_device(build):
-    transport = verilator.VerilatorTransport(build.executable, clock_hz=build.clock_hz, divisor=build.divisor,
-                                             startup_cycles=build.startup_cycles)
-    return transport, Device(transport, timeout=0.005)
+    """The host driver on a freshly powered-up ``build``."""
+    with verilator.VerilatorTransport(build.executable, clock_hz=build.clock_hz, divisor=build.divisor,
+                                      startup_cycles=build.startup_cycles) as transport:
+        yield Device(transport, timeout=0.005)
 
 
 def conditioned_layers(fabric, seed):
@@ -97,8 +100,7 @@ def test_identify_answers_what_the_rtl_answers(gate):
     # What the RTL device of these parameters answers (``gateware.device.Device.identity``).
     identity = identity_of(FabricGeometry(FABRICS[gate.board]), gate.clock_hz, gate.divisor, board.fifo_depth,
                            trng=False, moments=Fabric.builds_moments(board.target))
-    transport, device = open_device(gate)
-    with transport:
+    with open_device(gate) as device:
         assert device.identity == identity
         body = device.link.request(Command.IDENTIFY, response_bytes=64)
         assert body[1:] == identity.to_bytes()
@@ -120,8 +122,7 @@ def test_memory_regions_read_back_what_was_written(gate):
     others += [(Region.CLAMPS, r << bank_bits(g.lanes) | bank, int(rng.integers(0, 1 << 16)))
                for r in rows for bank in range(banks)]
     others += [(Region.SEEDS, k, int(rng.integers(0, 1 << 16))) for k in range(SEED_STEPS)]
-    transport, device = open_device(gate)
-    with transport:
+    with open_device(gate) as device:
         device.writes([(Region.PARAMS, o, w) for o, w in params.items()]
                       + [(Region.SEQUENCE, o, w) for o, w in sequence.items()])
         # The other regions share the scratch and weight memories; writing them must not touch the words above.
@@ -136,8 +137,7 @@ def test_memory_regions_read_back_what_was_written(gate):
 def test_undefined_memory_is_random_and_block_rams_start_from_their_init(gate):
     # An SPRAM's contents are undefined at power-up and the model makes them random (so the other tests show
     # that nothing depends on them); block RAMs hold their INIT words, 0 for the HX boards' scratch.
-    transport, device = open_device(gate)
-    with transport:
+    with open_device(gate) as device:
         words = device.read_words(Region.PARAMS, 0, 32)
     if BOARDS[gate.board].target == "ice40-up5k":
         assert len(set(words)) > 16
@@ -152,8 +152,7 @@ def test_sampling_matches_the_emulator(gate):
                        clamp=[0] * 6 + [1] + [0] * (n - 8) + [-1])
     program = compile_model(model, fabric=fabric)
     ops = sampling_sequence(40, burn_in=4, thin=2)
-    transport, device = open_device(gate)
-    with transport:
+    with open_device(gate) as device:
         device.load_program(program)
         got = [device.run(program, ops, seed=17, chain=chain) for chain in (0, 5)]
     for k, chain in enumerate((0, 5)):
@@ -168,8 +167,7 @@ def test_dtm_sequence_matches_the_emulator(gate):
     ops = [Op(Opcode.LOAD, top), Op(Opcode.RANDOMIZE)]
     for layer in range(top, -1, -1):
         ops += [Op(Opcode.LOAD, layer), Op(Opcode.RANDOMIZE), Op(Opcode.SWEEP, 2), Op(Opcode.CAPTURE, 1)]
-    transport, device = open_device(gate)
-    with transport:
+    with open_device(gate) as device:
         device.load_program(program)
         got = [device.run(program, ops, seed=11, chain=chain) for chain in (0, 1, 2)]
     for chain in (0, 1, 2):
@@ -200,8 +198,7 @@ def check_moments(device, program, layer, seed, chains):
 def test_moment_counters_match_the_emulator(board):
     # The counters are SPRAM words read, incremented in `IncrementOrLoad`'s carry cells and written back.
     program = conditioned_layers(FABRICS[board], 8)
-    transport, device = open_device(gate_build(board))
-    with transport:
+    with open_device(gate_build(board)) as device:
         device.load_program(program)
         check_moments(device, program, layer=len(program.layers) - 1, seed=5, chains=(0, 3))
 
@@ -214,8 +211,7 @@ def test_the_icebreaker_design_runs_the_shipped_dtm():
     program = model.compile("icebreaker")
     ops = dtm.chain_sequence(model.steps, model.sweeps)
     params = {offset: word for region, offset, word in program_writes(program) if region == Region.PARAMS}
-    transport, device = open_device(build)
-    with transport:
+    with open_device(build) as device:
         assert device.identity == identity_of(program.geometry, build.clock_hz, build.divisor, build.fifo_depth,
                                               trng=False, moments=True)
         device.load_program(program)
