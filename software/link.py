@@ -667,13 +667,19 @@ class Device:
         the next request after the response, pausing up to ``poll`` seconds after an empty one. ``timeout``
         (device seconds) bounds the run; by default it allows four times the fabric's own time plus the time
         the words take on the UART. Returns with no request outstanding. After a run that raised (the
-        link failed, or the caller was interrupted), the next run first RESETs the device.
+        link failed, or the caller was interrupted), the next run first RESETs the device. A sequence whose
+        result would depend on the spins the previous run left (``sequence.previous_run_dependence``) raises
+        ``SequenceError`` before anything is sent.
         """
         import numpy as np
         from .devicemap import seed_writes, sequence_writes, unpack_capture
-        from .sequence import Opcode, captures
+        from .sequence import Opcode, SequenceError, captures, previous_run_dependence
         g = program.geometry
         ident = self.identity
+        layers = program.layers
+        problem = previous_run_dependence(ops, lambda l: l < len(layers) and bool(np.any(layers[l].coupling)))
+        if problem:
+            raise SequenceError(problem)
         accumulates = any(op.code is Opcode.ACCUMULATE for op in ops)
         if accumulates:
             self.require_moments()

@@ -25,7 +25,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = ["Opcode", "Op", "encode", "decode", "sampling_sequence", "moments_sequence", "sweeps", "ARG_BITS",
-           "MAX_ARG", "OPCODE_SHIFT", "SequenceError"]
+           "MAX_ARG", "OPCODE_SHIFT", "SequenceError", "previous_run_dependence"]
 
 #: Bits of an op's argument: longer runs are split over several ops (``sampling_sequence`` does it), which
 #: keeps the sequencer's counters 16 bits wide.
@@ -84,6 +84,29 @@ def decode(words) -> list[Op]:
             break
         ops.append(Op(opcode, word & MAX_ARG))
     return ops
+
+
+def previous_run_dependence(ops: list[Op], conditioned) -> str | None:
+    """Why ``ops`` would depend on the spins a previous run left on the fabric, or None.
+
+    A device's spins at START are those its last run ended with; the emulator starts every chain from all
+    +1. The two agree on every sequence that, before its first SWEEP, CAPTURE or ACCUMULATE, has a
+    RANDOMIZE, and whose layer in use then was LOADed after that RANDOMIZE unless it has no conditioning
+    (``conditioned(layer)`` is False: every ``c`` code is zero, so ``LOAD`` latches no spin).
+    """
+    randomized, latched_stale = False, False
+    for op in ops:
+        if op.code is Opcode.LOAD:
+            latched_stale = not randomized and conditioned(op.arg)
+        elif op.code is Opcode.RANDOMIZE:
+            randomized = True
+        elif op.code in (Opcode.SWEEP, Opcode.CAPTURE, Opcode.ACCUMULATE) and (op.code is not Opcode.SWEEP or op.arg):
+            if not randomized:
+                return f"{op} comes before any RANDOMIZE, so it would start from the spins of the previous run"
+            if latched_stale:
+                return (f"{op} uses a conditioned layer LOADed before the first RANDOMIZE, whose biases h + c·x "
+                        f"hold the spins of the previous run; LOAD it again after RANDOMIZE")
+    return None
 
 
 def captures(ops: list[Op]) -> int:

@@ -30,7 +30,7 @@ from opentsu.gateware.device import identity_of
 from opentsu.gateware.fabric import Fabric
 from opentsu.link import Device
 from opentsu.protocol import Command
-from opentsu.sequence import Op, Opcode, sampling_sequence
+from opentsu.sequence import Op, Opcode, SequenceError, sampling_sequence
 from opentsu.topology import Grid
 
 from .util import grid_model
@@ -172,6 +172,23 @@ def test_dtm_sequence_matches_the_emulator(gate):
         got = [device.run(program, ops, seed=11, chain=chain) for chain in (0, 1, 2)]
     for chain in (0, 1, 2):
         assert np.array_equal(got[chain], expected_run(program, ops, 11, chain)), chain
+
+
+def test_a_run_that_would_depend_on_the_previous_one_is_refused(gate):
+    """The device starts a run from the spins its last run left, the emulator from +1: a sequence whose
+    result depends on them (a conditioned layer LOADed before RANDOMIZE and used without a second LOAD) is
+    refused before anything is sent, and the device runs the next good sequence as the emulator does."""
+    program = conditioned_layers(FABRICS[gate.board], 5)
+    good = [Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 2), Op(Opcode.CAPTURE, 2)]
+    stale = good[:2] + good[3:]
+    with open_device(gate) as device:
+        device.load_program(program)
+        assert np.array_equal(device.run(program, good, seed=4, chain=0), expected_run(program, good, 4, 0))
+        sent = device.status().samples_sent
+        with pytest.raises(SequenceError, match="LOAD it again after RANDOMIZE"):
+            device.run(program, stale, seed=4, chain=1)
+        assert device.status().samples_sent == sent
+        assert np.array_equal(device.run(program, good, seed=4, chain=1), expected_run(program, good, 4, 1))
 
 
 def check_moments(device, program, layer, seed, chains):

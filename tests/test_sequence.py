@@ -3,7 +3,9 @@ import pytest
 
 from opentsu.compiler import compile_model
 from opentsu.emulator import Emulator
-from opentsu.sequence import MAX_ARG, Op, Opcode, SequenceError, decode, encode, sampling_sequence
+from opentsu.dtm import chain_sequence
+from opentsu.sequence import (MAX_ARG, Op, Opcode, SequenceError, decode, encode, moments_sequence,
+                               previous_run_dependence, sampling_sequence)
 
 from .util import grid_model
 
@@ -82,3 +84,26 @@ def test_accumulate_counts_what_capture_sees():
     owned = {frozenset((i, int(j))) for i in range(g.n) for j in g.moment_partners[i]}
     edges = {frozenset((i, int(j))) for i in range(g.n) for j in g.neighbours[i] if j >= 0}
     assert owned == edges
+
+
+@pytest.mark.parametrize("ops, conditioned, problem", [
+    # the usual runs: RANDOMIZE first; a layer without conditioning latches no spin, so one LOAD will do
+    (sampling_sequence(5, burn_in=3, thin=2), (), None),
+    (moments_sequence(5, burn_in=0, thin=1), (), None),
+    # a DTM chain LOADs each conditioned layer again after RANDOMIZE
+    (chain_sequence(3, 4), (0, 1, 2), None),
+    # a conditioned layer LOADed only before RANDOMIZE carries the previous run's spins in its biases
+    (sampling_sequence(5, burn_in=3, thin=2), (0,), "LOAD it again after RANDOMIZE"),
+    ([Op(Opcode.LOAD, 1), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 1)], (1,), None),
+    ([Op(Opcode.LOAD, 0), Op(Opcode.RANDOMIZE), Op(Opcode.LOAD, 1), Op(Opcode.CAPTURE, 1)], (0,), None),
+    # sampling before any RANDOMIZE starts from the previous run's spins, conditioned or not
+    ([Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 2), Op(Opcode.CAPTURE, 1)], (), "before any RANDOMIZE"),
+    ([Op(Opcode.LOAD, 0), Op(Opcode.CAPTURE, 1), Op(Opcode.RANDOMIZE)], (), "before any RANDOMIZE"),
+    ([Op(Opcode.LOAD, 0), Op(Opcode.SWEEP, 0), Op(Opcode.RANDOMIZE), Op(Opcode.CAPTURE, 1)], (), None),
+])
+def test_runs_that_depend_on_the_previous_run_are_named(ops, conditioned, problem):
+    found = previous_run_dependence(ops, lambda layer: layer in conditioned)
+    if problem is None:
+        assert found is None, found
+    else:
+        assert found is not None and problem in found
