@@ -312,7 +312,7 @@ def link(fabric="icebreaker", samples: int = 2000, latencies=(0.0, 0.001), step:
     from .compiler import compile_model
     from .fabric import PRESETS
     from .link import Device, HostLatency
-    from .protocol import FRAME_OVERHEAD, SAMPLE_INDEX_BYTES
+    from .protocol import samples_response_bytes
     from .sequence import sampling_sequence
 
     config = PRESETS[fabric] if isinstance(fabric, str) else fabric
@@ -326,7 +326,7 @@ def link(fabric="icebreaker", samples: int = 2000, latencies=(0.0, 0.001), step:
     with verilator.VerilatorTransport(build.executable, clock_hz=clock, divisor=divisor) as transport:
         ident = Device(transport, timeout=0.005).identity
         words = ident.fifo_depth + 1
-        response = FRAME_OVERHEAD + 1 + SAMPLE_INDEX_BYTES + words * ident.sample_word_bytes
+        response = samples_response_bytes(words, ident.sample_word_bytes)
         out["line_samples_per_s"] = round(words / g.cycles * clock / (10 * divisor * response))
         period = math.lcm(2 * words, g.cycles) // g.cycles       # samples in a whole number of response pairs
         short = period

@@ -22,7 +22,7 @@ import time
 
 from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION, SAMPLE_INDEX_BYTES,
                        Command, Flags, FrameDecoder, Identity, ProtocolError, Result, StatusReport, encode_frame,
-                       word_bytes)
+                       samples_response_bytes, word_bytes)
 
 __all__ = ["Transport", "SerialTransport", "SimTransport", "HostLatency", "Link", "Device", "LinkError",
            "DeviceRejected", "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
@@ -620,7 +620,8 @@ class Device:
         max_words = max(0, min(max_words, 0xFFFF))
         size = self.identity.sample_word_bytes
         longest = min(max_words, self.identity.fifo_depth + 1)
-        body = self._request(Command.SAMPLES, struct.pack("<H", max_words), response_bytes=5 + longest * size)
+        payload = samples_response_bytes(longest, size) - FRAME_OVERHEAD     # flags, index, words
+        body = self._request(Command.SAMPLES, struct.pack("<H", max_words), response_bytes=payload)
         return self._sample_words(body)
 
     def _sample_words(self, body):
@@ -728,7 +729,7 @@ class Device:
         # Wire time of one exchange: the request, and the longest response (the FIFO's words and the one
         # in its output register).
         request_bytes = len(encode_frame(Command.SAMPLES, 0, bytes(2)))
-        response_bytes = FRAME_OVERHEAD + 1 + SAMPLE_INDEX_BYTES + (self.identity.fifo_depth + 1) * size
+        response_bytes = samples_response_bytes(self.identity.fifo_depth + 1, size)
         exchange = (request_bytes + response_bytes) * link.byte_time
         words = []
         inflight = collections.deque()    # sequence numbers of the SAMPLES requests not answered yet, oldest first

@@ -49,7 +49,7 @@ from .devicemap import Region, region_word_bits
 __all__ = ["SYNC", "PROTOCOL_VERSION", "MAX_REQUEST_PAYLOAD", "MAX_READ_COUNT", "TIMEOUT_BIT_TIMES", "Command",
            "Result", "Flags", "crc16", "encode_frame", "FrameDecoder", "Identity", "StatusReport", "word_bytes",
            "ProtocolError", "HEADER_BYTES", "FRAME_OVERHEAD", "ADDRESS_BYTES", "SAMPLE_INDEX_BYTES",
-           "REQUEST_PAYLOAD_BYTES"]
+           "samples_response_bytes", "REQUEST_PAYLOAD_BYTES"]
 
 SYNC = b"\xA5\x5A"
 PROTOCOL_VERSION = 1
@@ -193,6 +193,12 @@ class FrameDecoder:
                         return start
             start = buf.find(SYNC, start + 1)
         return None
+
+
+def samples_response_bytes(words: int, word_bytes: int) -> int:
+    """Bytes on the line of a SAMPLES response frame carrying ``words`` capture words of ``word_bytes`` each:
+    the frame around the flags byte, the first-word index and the words."""
+    return FRAME_OVERHEAD + 1 + SAMPLE_INDEX_BYTES + words * word_bytes
 
 
 def word_bytes(region: Region, degree: int) -> int:
