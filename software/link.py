@@ -736,22 +736,25 @@ class Device:
         queue = False                     # keep a second request waiting behind the one being answered
         failures = 0
         finished_empty = 0
+        replacing = False                 # the next request replaces one that failed (counted as a resend)
 
         def anomaly(reason, result=None):
-            nonlocal failures, queue
+            nonlocal failures, queue, replacing
             failures += 1
             queue = False
             if failures > link.retries:
                 if result is Result.BAD_LENGTH:
                     raise DeviceRejected(Command.SAMPLES, result)
                 raise LinkError(f"SAMPLES: {reason} after {failures} attempts")
-            link.resent += 1              # the next request takes its place
+            replacing = True
 
         try:
             while len(words) < expected or inflight:
                 if len(words) < expected:
                     while len(inflight) < (2 if queue else 1):
                         inflight.append(link.post(Command.SAMPLES, struct.pack("<H", min(4096, expected - len(words)))))
+                        link.resent += replacing
+                        replacing = False
                 answer = link.collect(inflight, link.timeout + len(inflight) * exchange)
                 if answer is None:        # nothing for any request in flight within their time
                     inflight.clear()

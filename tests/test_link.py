@@ -339,6 +339,14 @@ def test_a_request_lost_without_words_costs_a_resend_not_samples(program, fault)
     assert device.link.resent == 1 and max(samples_backlogs(transport)) == 1 and not transport.responses
 
 
+def test_losing_the_answer_to_the_last_queued_request_sends_nothing_again(program):
+    # 128 words in responses of 5: the 27th request waits behind the 26th response, which completes the
+    # run. Its (empty) answer is lost; no word is missing, so no request replaces it.
+    transport, device, got, expected = run_paced(program, 16, [5], faults={27: "lose"})
+    assert np.array_equal(got, expected)
+    assert transport.samples_requests == 27 and device.link.resent == 0
+
+
 def test_a_device_that_stops_answering_samples_is_a_link_error(program):
     faults = {k: "ignore" for k in range(3, 40)}
     with pytest.raises(LinkError, match=r"^SAMPLES: no answer after 4 attempts$"):
