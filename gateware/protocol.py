@@ -450,8 +450,9 @@ class CommandEngine(wiring.Component):
         r_write, r_read = table(lambda b, n, w, r: int(w)), table(lambda b, n, w, r: int(r))
         r_words, wb = table(lambda b, n, w, r: n), table(lambda b, n, w, r: b - 1)   # wb: bytes per word - 1
         # The payload length each command needs, and those a WRITE may have.
-        sizes = set(REQUEST_PAYLOAD_BYTES.values()) | {ADDRESS_BYTES + k * wbytes for wbytes, _, _, _ in regions.values()
-                                       for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1)}
+        sizes = set(REQUEST_PAYLOAD_BYTES.values()) | {ADDRESS_BYTES + k * wbytes
+                                                       for wbytes, _, _, _ in regions.values()
+                                                       for k in range(1, (P - ADDRESS_BYTES) // wbytes + 1)}
         length_is = {size: Signal(name=f"length_is_{size}") for size in sorted(sizes)}
         xcount = Signal(4)                      # shifts left: alignment, or the rest of a WRITE word
         xshift = Signal()                       # ALIGN: xcount is not 0
@@ -610,7 +611,8 @@ class CommandEngine(wiring.Component):
         level = self.samples_level[:level_bits]
         maximum = Cat(payload[D - 2], payload[D - 1])
         max_high = Signal()                     # SAMPLES: the maximum has bits set above the level's
-        _load(m, n, (n_check, Mux(command[Command.WRITE], n_first, read_count)), (n_dec, n - 1), (n_id, len(identity)), (n_avail, available))
+        _load(m, n, (n_check, Mux(command[Command.WRITE], n_first, read_count)), (n_dec, n - 1),
+              (n_id, len(identity)), (n_avail, available))
 
         # STATUS steps, one-hot.
         step = Signal(len(status_steps))
@@ -662,7 +664,8 @@ class CommandEngine(wiring.Component):
             executor.next = "CHECK_COUNT"
 
         with executor.State("CHECK_COUNT"):
-            m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size] for c, size in REQUEST_PAYLOAD_BYTES.items())).any())
+            m.d.sync += good_length.eq(Cat(*(command[c] & length_is[size]
+                                             for c, size in REQUEST_PAYLOAD_BYTES.items())).any())
             m.d.sync += rleft.eq(table(lambda b, n, w, r: b - 1 if r else 0))
             with m.If(command[Command.WRITE]):
                 # Whole words only: the count follows from the length.

@@ -28,7 +28,8 @@ tolerance (1 % by default). A clock such as 50 MHz gives 16.67 cycles per bit: r
 Receiver tolerance: the receiver locks to the falling edge of the start bit (to within one clock)
 and samples each bit at a fixed offset from it, so a sender whose rate is off accumulates its error
 over the frame, worst at the stop bit 9.5 bit times in. Measured with the bit-level line driver of
-``tests/test_uart.py``, back-to-back frames and the sender at seven phases against the receiver clock, in steps of 0.2 %:
+``tests/test_uart.py``, back-to-back frames and the sender at seven phases against the receiver clock, in steps
+of 0.2 %:
 
 =========  ========  ====================  ====================
 divisor    majority  sender fast by up to  sender slow by up to

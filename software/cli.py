@@ -36,7 +36,8 @@ def _positive(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind}: {text!r}") from None
         if value < (0 if kind in ("seed", "count") else 1):
-            raise argparse.ArgumentTypeError(f"{kind} must be {'non-negative' if kind in ('seed', 'count') else 'positive'}, not {value}")
+            sign = "non-negative" if kind in ("seed", "count") else "positive"
+            raise argparse.ArgumentTypeError(f"{kind} must be {sign}, not {value}")
         if kind == "seed" and value >= 1 << 64:
             raise argparse.ArgumentTypeError(f"seed must fit in 64 bits, not {value}")
         return value

@@ -39,10 +39,10 @@ import enum
 
 from .formats import SEED_STEPS, WEIGHT
 
-__all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "bank_bits", "tau_bits", "row", "program_writes", "seed_writes",
-           "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS", "address", "split_address",
-           "region_word_bits", "region_words", "params_pairs", "moments_from_words", "moment_kinds", "WRITABLE", "READABLE", "SEQUENCE_DEPTH",
-           "MOMENT_LIMIT"]
+__all__ = ["Region", "Reg", "Control", "Status", "Flags", "lane_bits", "bank_bits", "tau_bits", "row",
+           "program_writes", "seed_writes", "sequence_writes", "unpack_capture", "REGION_SHIFT", "OFFSET_BITS",
+           "address", "split_address", "region_word_bits", "region_words", "params_pairs", "moments_from_words",
+           "moment_kinds", "WRITABLE", "READABLE", "SEQUENCE_DEPTH", "MOMENT_LIMIT"]
 
 #: Region number sits above this bit of a bus address.
 REGION_SHIFT = 24

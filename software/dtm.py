@@ -964,7 +964,8 @@ def cmd_eval(args):
         fd = f"{row['fd']:.3f}±{row['fd_sd']:.3f}"
         sweeps = "-" if row["sweeps"] is None else str(row["sweeps"])
         lines.append(f"{row['name']:30s} {sweeps:>6s} {fd:>13s} {row['patch_tv']:8.3f} {row['coverage']:8.1f} "
-                     f"{row['class_tv']:8.3f} {row['confidence']:6.3f} {row['copy_rate']:7.3f} {row['nn_hamming']:7.2f}")
+                     f"{row['class_tv']:8.3f} {row['confidence']:6.3f} {row['copy_rate']:7.3f} "
+                     f"{row['nn_hamming']:7.2f}")
     print("\n".join(lines))
     print(f"FD: feature-space Fréchet distance to the data (MLP hidden layer), mean ± sd over seeds "
           f"{', '.join(map(str, seeds))} with {args.n} samples each; data row: one half of the data against "

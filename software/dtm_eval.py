@@ -133,7 +133,10 @@ class Evaluator:
     def copies(self, images, known=None) -> np.ndarray:
         """Mask of the images identical to a training image (or to one of ``known`` images)."""
         bits = np.packbits(self._flat(images).astype(np.uint8), axis=1)
-        table = self._known if known is None else {r.tobytes() for r in np.packbits(self._flat(known).astype(np.uint8), axis=1)}
+        if known is None:
+            table = self._known
+        else:
+            table = {r.tobytes() for r in np.packbits(self._flat(known).astype(np.uint8), axis=1)}
         return np.array([row.tobytes() in table for row in bits], dtype=bool)
 
     def nearest_hamming(self, images, known=None) -> np.ndarray:

@@ -51,7 +51,8 @@ import numpy as np
 
 __all__ = [
     "UNIT_BITS", "UNIT", "FixedFormat", "WEIGHT", "BIAS", "COUPLING", "EFFECTIVE_BIAS", "CLAMP_PLUS",
-    "CLAMP_MINUS", "field_bits", "node_words", "node_fields", "PBit", "PBIT", "xoroshiro64_step", "lane_seed_states", "splitmix64",
+    "CLAMP_MINUS", "field_bits", "node_words", "node_fields", "PBit", "PBIT", "xoroshiro64_step", "lane_seed_states",
+    "splitmix64",
     "RNG_WORD_BITS", "RNG_STATE_WORDS", "RNG_RESET_STATE", "SEED_STEPS", "seed_injection",
 ]
 

@@ -52,7 +52,8 @@ class IsingModel:
         if J.shape != (n, n):
             raise ModelError(f"J has shape {J.shape}, expected ({n}, {n}) to match h")
         if not np.all(np.isfinite(h)):
-            raise ModelError(f"h has non-finite values (NaN or inf) at nodes {np.flatnonzero(~np.isfinite(h))[:5].tolist()}")
+            bad = np.flatnonzero(~np.isfinite(h))[:5].tolist()
+            raise ModelError(f"h has non-finite values (NaN or inf) at nodes {bad}")
         if not np.all(np.isfinite(J)):
             i, j = np.argwhere(~np.isfinite(J))[0]
             raise ModelError(f"J has non-finite values (NaN or inf), first at ({i}, {j})")
@@ -63,7 +64,8 @@ class IsingModel:
             i, j = np.argwhere(J != J.T)[0]
             raise ModelError(f"J is not symmetric: J[{i},{j}] = {J[i, j]:g} but J[{j},{i}] = {J[j, i]:g}")
         beta = np.asarray(self.beta)
-        if beta.shape != () or not np.issubdtype(beta.dtype, np.number) or np.issubdtype(beta.dtype, np.complexfloating):
+        real = np.issubdtype(beta.dtype, np.number) and not np.issubdtype(beta.dtype, np.complexfloating)
+        if beta.shape != () or not real:
             raise ModelError(f"beta must be a real scalar, got {self.beta!r}")
         self.beta = float(beta)
         if not np.isfinite(self.beta) or self.beta < 0:
@@ -121,7 +123,8 @@ def load_model(path) -> IsingModel:
     try:
         return IsingModel(
             h=arrays["h"], J=arrays["J"], beta=arrays.get("beta", np.float64(1.0)),
-            grid=tuple(arrays["grid"].tolist()) if "grid" in arrays and arrays["grid"].ndim == 1 else arrays.get("grid"),
+            grid=(tuple(arrays["grid"].tolist()) if "grid" in arrays and arrays["grid"].ndim == 1
+                  else arrays.get("grid")),
             clamp=arrays.get("clamp"),
         )
     except ModelError as exc:

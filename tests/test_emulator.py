@@ -28,7 +28,8 @@ def emulate(program, chains, seed, ops, first_chain=0):
 @pytest.mark.parametrize("fabric", ["icestick", FabricConfig(8, 8, ((0, 1), (2, 1)), 2, latency=2),
                                     FabricConfig(6, 6, ((0, 1),), 4, latency=1)], ids=str)
 def test_emulator_is_the_written_spec(fabric):
-    model = grid_model(6, 6, ((0, 1),) if fabric == "icestick" else ((0, 1), (2, 1)) if isinstance(fabric, FabricConfig) and len(fabric.jumps) == 2 else ((0, 1),),
+    two_jumps = isinstance(fabric, FabricConfig) and len(fabric.jumps) == 2
+    model = grid_model(6, 6, ((0, 1), (2, 1)) if two_jumps else ((0, 1),),
                        seed=11, scale=0.8, clamp=[0] * 33 + [1, -1, 0])
     program = compile_model(model, fabric=fabric)
     ops = [("load", 0), ("randomize",), ("sweep", 3)]

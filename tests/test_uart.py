@@ -260,9 +260,9 @@ def test_rx_takes_a_longer_pulse_as_a_start_bit(request):
 @pytest.mark.parametrize("majority", [True, False])
 def test_rx_majority_vote_rejects_short_spikes(request, majority):
     # A spike of 0.8 clock periods centred on the sampling instant of every data bit (the simulated clock
-    # rises at (n + 1/2) periods, so with the start edge on a whole period the instants are exact). With the vote, only the middle of
-    # the three samples sees it and the bytes are intact; a single-sample receiver reads every data bit
-    # inverted.
+    # rises at (n + 1/2) periods, so with the start edge on a whole period the instants are exact). With the
+    # vote, only the middle of the three samples sees it and the bytes are intact; a single-sample receiver
+    # reads every data bit inverted.
     divisor = 16
     rng = random.Random(7)
     data = random_bytes(rng, 8)
