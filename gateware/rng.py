@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 
 from opentsu.formats import RNG_RESET_STATE, RNG_WORD_BITS
 
-__all__ = ["LaneRNG", "xor_lut_init"]
+__all__ = ["LaneRNG", "xor_lut_init", "held_masks", "held_next_state"]
 
 
 def _rotl(x, k):
@@ -21,19 +21,36 @@ def xor_lut_init(inputs: int) -> int:
     return sum((bin(index & ((1 << inputs) - 1)).count("1") & 1) << index for index in range(16))
 
 
-def _xor(m, bits, invert, name, platform):
-    """The XOR of up to four bits, inverted if ``invert``. On hardware it is one ``SB_LUT4`` instance:
-    synthesis cannot then re-express one next-state function through another, which gives that LUT a
-    second load and keeps it out of its flip-flop's logic cell (a third of the bank's cells were
-    flip-flops on their own)."""
+def _xor(m, bits, invert, name):
+    """The XOR of up to four bits, inverted if ``invert``, as one ``SB_LUT4`` instance: synthesis cannot then
+    re-express one next-state function through another, which gives that LUT a second load and keeps it out
+    of its flip-flop's logic cell (a third of the bank's cells were flip-flops on their own)."""
     out = Signal(name=name)
-    if platform is None:
-        m.d.comb += out.eq(Cat(*bits).xor() ^ invert)
-    else:
-        init = xor_lut_init(len(bits)) ^ (0xFFFF if invert else 0)
-        pins = {f"i_I{k}": bits[k] if k < len(bits) else Const(0, 1) for k in range(4)}
-        m.submodules[name] = Instance("SB_LUT4", p_LUT_INIT=Const(init, 16), o_O=out, **pins)
+    init = xor_lut_init(len(bits)) ^ (0xFFFF if invert else 0)
+    pins = {f"i_I{k}": bits[k] if k < len(bits) else Const(0, 1) for k in range(4)}
+    m.submodules[name] = Instance("SB_LUT4", p_LUT_INIT=Const(init, 16), o_O=out, **pins)
     return out
+
+
+def held_masks() -> tuple[int, int]:
+    """What the flip-flops of ``(s0, u)`` hold each word XORed with: the reset state, so that they reset (and
+    power up, as iCE40 flip-flops do) to 0. The masks are folded into the next-state functions."""
+    reset0, reset1 = RNG_RESET_STATE
+    return reset0, reset0 ^ reset1
+
+
+def held_next_state() -> list[list[tuple[list[tuple[int, int]], int]]]:
+    """Each held bit's next value as an XOR of held bits: ``[register][bit] = (terms, invert)``, register 0
+    being ``s0`` and 1 being ``u``, each term a ``(register, bit)`` pair of the current held state, ``invert``
+    the constant the masks leave. ``s0' = rotl(s0,26) ^ u ^ u<<9``, ``u' = s0' ^ rotl(u,13)`` (the entropy
+    bit comes on top of ``u'`` bit 0). Every function has at most four terms: one ``SB_LUT4`` each."""
+    masks = held_masks()
+    r26 = [(0, (i - 26) % 32) for i in range(32)]
+    r13 = [(1, (i - 13) % 32) for i in range(32)]
+    terms_of = [[[r26[i], (1, i)] + ([(1, i - 9)] if i >= 9 else []) for i in range(32)]]
+    terms_of.append([terms + [r13[i]] for i, terms in enumerate(terms_of[0])])
+    return [[(terms, ((masks[reg] >> i) ^ sum(masks[r] >> k for r, k in terms)) & 1)
+             for i, terms in enumerate(functions)] for reg, functions in enumerate(terms_of)]
 
 
 class LaneRNG(wiring.Component):
@@ -44,8 +61,8 @@ class LaneRNG(wiring.Component):
     ``u' = s0' ^ rotl(u,13)``) and pack with their flip-flops. The plain ``(s0, s1)`` form needs
     ``t = s0 ^ s1`` twice, and the shared XOR left half the state in flip-flops of their own.
 
-    Elaborated for a platform (hardware), each next-state bit is an explicit ``SB_LUT4``; with
-    ``platform=None`` (simulation) it is the same XOR as ordinary logic.
+    Elaborated for a platform (hardware), each next-state bit is an explicit ``SB_LUT4`` (``held_next_state``);
+    with ``platform=None`` (simulation, Verilog export) the same step is written on whole words.
 
     Ports
     -----
@@ -89,27 +106,26 @@ class LaneRNG(wiring.Component):
         m.d.comb += self.mix.ready.eq(self.advance & self.mix_enable)
         entropy = Signal(self._lanes)
         m.d.comb += entropy.eq(self.inject ^ Mux(take_mix, self.mix.payload, 0))
-        reset0, reset1 = RNG_RESET_STATE
-        # The flip-flops hold each state bit XORed with its reset value, so that they reset (and power
-        # up, as iCE40 flip-flops do) to 0; the XOR is folded into the next-state functions.
-        masks = (reset0, reset0 ^ reset1)
+        masks = held_masks()
         for lane in range(self._lanes):
             held = [Signal(32, name=f"s0_{lane}"), Signal(32, name=f"u_{lane}")]
-            # (register, bit) of every term: s0' = rotl(s0,26) ^ u ^ u<<9, u' = s0' ^ rotl(u,13) ^ entropy.
-            r26 = [(0, (i - 26) % 32) for i in range(32)]
-            r13 = [(1, (i - 13) % 32) for i in range(32)]
-            functions = [[[r26[i], (1, i)] + ([(1, i - 9)] if i >= 9 else []) for i in range(32)]]
-            functions.append([terms + [r13[i]] for i, terms in enumerate(functions[0])])
-            nexts = []
-            for reg, terms_of in enumerate(functions):
-                bits = []
-                for i, terms in enumerate(terms_of):
-                    inputs = [held[r][k] for r, k in terms]
-                    invert = ((masks[reg] >> i) ^ sum(masks[r] >> k for r, k in terms)) & 1
-                    if reg == 1 and i == 0:
-                        inputs.append(entropy[lane])   # bit 0 has no u << 9 term
-                    bits.append(_xor(m, inputs, invert, f"{('s0', 'u')[reg]}_{lane}_next{i}", platform))
-                nexts.append(Cat(*bits))
+            if platform is None:
+                # Simulation: the same step as whole words, which a simulator computes in a few operations
+                # rather than bit by bit (a third of a Verilator model's time went into the bitwise form).
+                s0, u = held[0] ^ masks[0], held[1] ^ masks[1]
+                s0_next = _rotl(s0, 26) ^ u ^ (u << 9)[:32]
+                u_next = s0_next ^ _rotl(u, 13) ^ entropy[lane]
+                nexts = [s0_next ^ masks[0], u_next ^ masks[1]]
+            else:
+                nexts = []
+                for reg, functions in enumerate(held_next_state()):
+                    bits = []
+                    for i, (terms, invert) in enumerate(functions):
+                        inputs = [held[r][k] for r, k in terms]
+                        if reg == 1 and i == 0:
+                            inputs.append(entropy[lane])   # bit 0 has no u << 9 term
+                        bits.append(_xor(m, inputs, invert, f"{('s0', 'u')[reg]}_{lane}_next{i}"))
+                    nexts.append(Cat(*bits))
             m.d.comb += self.words[lane].eq(held[0] ^ masks[0])
             with m.If(self.reset):
                 m.d.sync += [reg.eq(0) for reg in held]

@@ -12,7 +12,7 @@ from opentsu.fabric import PRESETS, FabricConfig, FabricGeometry
 from opentsu.formats import PBIT, SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.fabric import Fabric
 from opentsu.gateware.pbit import Threshold
-from opentsu.gateware.rng import LaneRNG
+from opentsu.gateware.rng import LaneRNG, held_masks, held_next_state
 from opentsu.sequence import Op, Opcode
 from opentsu.topology import Grid
 
@@ -215,6 +215,24 @@ def test_lane_rng_seeds_by_injection_and_is_the_software_stream():
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
+
+
+def test_lane_rng_hardware_form_is_the_software_step():
+    # The bitstream's generators are one SB_LUT4 per held bit (held_next_state), which no Amaranth simulation
+    # runs: evaluate those functions on random states and compare with the reference step.
+    functions = held_next_state()
+    assert all(len(terms) <= 4 - (reg == 1 and bit == 0)
+               for reg, bits in enumerate(functions) for bit, (terms, _) in enumerate(bits))
+    m0, m1 = held_masks()
+    rng = np.random.default_rng(9)
+    for s0, s1, entropy in zip(rng.integers(0, 1 << 32, 500), rng.integers(0, 1 << 32, 500),
+                               rng.integers(0, 2, 500)):
+        held = (int(s0) ^ m0, int(s0) ^ int(s1) ^ m1)
+        nxt = [sum((((sum(held[r] >> k for r, k in terms) + invert) & 1) << bit)
+                   for bit, (terms, invert) in enumerate(bits)) for bits in functions]
+        nxt[1] ^= int(entropy)
+        _, n0, n1 = xoroshiro64_step(np.uint32(s0), np.uint32(s1))
+        assert (nxt[0] ^ m0, nxt[1] ^ m1) == (int(n0), int(n0) ^ int(n1) ^ int(entropy))
 
 
 def test_threshold_unit_is_the_pbit_rule():
