@@ -13,6 +13,9 @@ __all__ = ["SpinTorus"]
 class SpinTorus(wiring.Component):
     """Spins of a ``rows × cols`` torus, all +1 after reset (the emulator's initial state too).
 
+    Elaborated for a platform (hardware), every spin is a one-bit signal of its own; with ``platform=None``
+    (simulation, Verilog export) each row is one ``cols``-bit signal, which simulators rotate as a word.
+
     Ports (per lane ℓ; station indices refer to ``geometry.lane_stations[ℓ]``)
     -----
     rotate : In(1)
@@ -52,7 +55,14 @@ class SpinTorus(wiring.Component):
         m = Module()
         g = self._g
         rows, cols, v, P = g.rows, g.cols, g.v, g.latency
-        spins = [[Signal(init=1, name=f"s_{r}_{c}") for c in range(cols)] for r in range(rows)]
+        if platform is None:
+            # Simulation: a row of spins per signal, which a simulator rotates in a few word operations
+            # rather than as rows × cols one-bit registers.
+            packed = [Signal(cols, init=(1 << cols) - 1, name=f"row_{r}") for r in range(rows)]
+            spins = [[packed[r][c] for c in range(cols)] for r in range(rows)]
+        else:
+            packed = None
+            spins = [[Signal(init=1, name=f"s_{r}_{c}") for c in range(cols)] for r in range(rows)]
 
         def at(r, c):
             return spins[r % rows][c % cols]
@@ -86,8 +96,11 @@ class SpinTorus(wiring.Component):
                 writers.setdefault(pos, []).append((self.write[lane] & (self.sel_w[lane] == k), self.value[lane]))
         with m.If(self.rotate):
             for r in range(rows):
+                if packed is not None:
+                    m.d.sync += packed[r].eq(packed[(r + v[0]) % rows].rotate_right(v[1] % cols))
                 for c in range(cols):
-                    m.d.sync += spins[r][c].eq(at(r + v[0], c + v[1]))
+                    if packed is None:
+                        m.d.sync += spins[r][c].eq(at(r + v[0], c + v[1]))
                     for enable, value in writers.get((r, c), []):
                         with m.If(enable):
                             m.d.sync += spins[r][c].eq(value)
