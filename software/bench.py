@@ -358,7 +358,7 @@ def fabric_report(path) -> dict:
     try:
         with open(path) as f:
             report = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:     # ValueError: JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: not a readable build report ({exc})") from None
     if not isinstance(report, dict) or "flips_per_ns" not in report:
         raise ValueError(f"{path}: not a build report (no flips_per_ns)")

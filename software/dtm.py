@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -353,25 +352,33 @@ def save(path, model: DTM):
 
 def load(path) -> DTM:
     """Read a DTM file. Raises ``DTMError`` naming the problem."""
-    from .fileio import open_npz
+    from .fileio import npz_arrays, open_npz
     path = os.fspath(path)
     archive = open_npz(path, DTMError, "DTM file")
     with archive:
         keys = set(archive.files)
-        if "format" not in keys or str(archive["format"]) != _FORMAT:
+        if "format" not in keys or str(npz_arrays(archive, ["format"], DTMError, path)["format"]) != _FORMAT:
             raise DTMError(f"{path}: not an OpenTSU DTM file (no format key '{_FORMAT}')")
         missing = {"grid", "jumps", "torus", "visible", "image_shape", "flips", "sweeps", "h", "J", "c", "edges"} - keys
         if missing:
             raise DTMError(f"{path}: missing key(s) {', '.join(sorted(missing))}")
-        try:
-            a = {k: archive[k] for k in keys}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise DTMError(f"{path}: corrupt array in archive ({exc})") from None
-    if int(a.get("version", 0)) != _VERSION:
-        raise DTMError(f"{path}: DTM file version {a.get('version')} is not supported (this build reads {_VERSION})")
+        a = npz_arrays(archive, keys, DTMError, path)
+    for key in ("version", "grid", "jumps", "visible", "image_shape", "edges", "sweeps"):
+        if key in a and a[key].dtype.kind not in "iu":
+            raise DTMError(f"{path}: {key} must hold integers, got dtype {a[key].dtype}")
+    for key in ("flips", "h", "J", "c"):
+        if a[key].dtype.kind not in "iuf":
+            raise DTMError(f"{path}: {key} must hold real numbers, got dtype {a[key].dtype}")
+    version = a.get("version", np.int64(0))
+    if version.shape != ():
+        raise DTMError(f"{path}: version must be one integer, got an array of shape {version.shape}")
+    if int(version) != _VERSION:
+        raise DTMError(f"{path}: DTM file version {int(version)} is not supported (this build reads {_VERSION})")
     from .topology import TopologyError
     try:
         rows, cols = (int(v) for v in a["grid"])
+        if a["h"].ndim != 2 or rows * cols != a["h"].shape[1]:
+            raise DTMError(f"grid {rows}×{cols} does not match h of shape {a['h'].shape} (layers, nodes)")
         grid = Grid(rows, cols, tuple(tuple(int(x) for x in j) for j in a["jumps"]), bool(a["torus"]))
         layout = Layout(grid, a["visible"].reshape(-1), tuple(int(v) for v in a["image_shape"]))
         edges = a["edges"].astype(np.int64)
@@ -918,6 +925,8 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     from . import dtm_eval
+    from .cli import UsageError
+    from .fileio import read_npy
     images, labels = _images(args)
     if labels is None:
         raise _usage("eval needs class labels: give --labels with an IDX data file")
@@ -940,10 +949,7 @@ def cmd_eval(args):
         models.append((f"MEBM ({mebm.steps} step), fabric", mebm.total_sweeps,
                        lambda n, s: sample(mebm, n, s, program=mebm_program)))
     for path in args.samples or ():
-        try:
-            extra = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise _usage(f"{path}: cannot read samples ({exc})") from None
+        extra = read_npy(path, UsageError, "sample file")
         if extra.ndim != 3 or extra.shape[1:] != images.shape[1:] or len(extra) < 2:
             raise _usage(f"{path}: expected (N, {images.shape[1]}, {images.shape[2]}) images, found {extra.shape}")
         models.append((os.path.basename(path), None, lambda n, s, e=extra: e))

@@ -6,11 +6,13 @@ import contextlib
 import io
 import os
 import tempfile
+import tokenize
 import zipfile
+import zlib
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_npy", "read_input", "open_npz"]
+__all__ = ["atomic_write", "save_npy", "read_input", "open_npz", "npz_arrays", "read_npy"]
 
 
 def read_input(path, error: type[Exception]) -> bytes:
@@ -27,6 +29,13 @@ def read_input(path, error: type[Exception]) -> bytes:
         raise error(f"{path}: permission denied") from None
 
 
+#: What reading a damaged archive can raise: numpy's and zipfile's errors, zipfile's NotImplementedError for a
+#: header that names a compression method or zip version it does not know, zlib's for a damaged compressed
+#: member, and the tokenizer's and parser's for a damaged array header.
+_NPZ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error,
+               tokenize.TokenError, SyntaxError)
+
+
 def open_npz(path, error: type[Exception], what: str) -> np.lib.npyio.NpzFile:
     """An ``.npz`` archive read whole (pickles refused); raises ``error`` naming the problem and ``what`` it is."""
     path = os.fspath(path)
@@ -37,9 +46,29 @@ def open_npz(path, error: type[Exception], what: str) -> np.lib.npyio.NpzFile:
         raise error(f"{path}: not an .npz {what} (it does not start with a zip header)")
     try:
         archive = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except _NPZ_ERRORS as exc:
         raise error(f"{path}: not a readable .npz {what} ({exc})") from None
     return archive
+
+
+def read_npy(path, error: type[Exception], what: str) -> np.ndarray:
+    """One array from an ``.npy`` file (pickles refused); raises ``error`` naming the problem and ``what`` it is."""
+    path = os.fspath(path)
+    raw = read_input(path, error)
+    if raw[:6] != b"\x93NUMPY":
+        raise error(f"{path}: not an .npy {what} (it does not start with the .npy magic string)")
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except _NPZ_ERRORS as exc:
+        raise error(f"{path}: not a readable .npy {what} ({exc})") from None
+
+
+def npz_arrays(archive: np.lib.npyio.NpzFile, keys, error: type[Exception], path) -> dict:
+    """The arrays ``keys`` of an archive from ``open_npz``; raises ``error`` naming ``path`` if one is damaged."""
+    try:
+        return {key: archive[key] for key in keys}
+    except _NPZ_ERRORS as exc:
+        raise error(f"{os.fspath(path)}: corrupt array in archive ({exc})") from None
 
 
 @contextlib.contextmanager

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fileio import open_npz
+from .fileio import npz_arrays, open_npz
 from .topology import Grid, SparseGraph, TopologyError, detect_grid
 
 __all__ = ["IsingModel", "ModelError", "load_model", "save_model"]
@@ -32,10 +31,13 @@ class IsingModel:
     clamp: np.ndarray | None = field(default=None)
 
     def __post_init__(self):
+        for name in ("h", "J"):
+            if np.iscomplexobj(getattr(self, name)):
+                raise ModelError(f"{name} must be real, got complex values")
         self.h = np.asarray(self.h, dtype=np.float64)
         self.J = np.asarray(self.J, dtype=np.float64)
         if self.clamp is None:
-            self.clamp = np.zeros(self.n, dtype=np.int8)
+            self.clamp = np.zeros(max(self.n, 0), dtype=np.int8)   # a bad h is validate's to report
         self.validate()
 
     @property
@@ -113,10 +115,7 @@ def load_model(path) -> IsingModel:
         missing = {"h", "J"} - keys
         if missing:
             raise ModelError(f"{path}: missing key(s) {', '.join(sorted(missing))}")
-        try:
-            arrays = {k: archive[k] for k in keys & {"h", "J", "beta", "grid", "clamp"}}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise ModelError(f"{path}: corrupt array in archive ({exc})") from None
+        arrays = npz_arrays(archive, keys & {"h", "J", "beta", "grid", "clamp"}, ModelError, path)
     for key in ("h", "J", "beta"):
         if key in arrays and not (np.issubdtype(arrays[key].dtype, np.number) or arrays[key].dtype == bool):
             raise ModelError(f"{path}: {key} must be numeric, got dtype {arrays[key].dtype}")

@@ -94,6 +94,9 @@ def test_fabric_report(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a build report"):
         bench.fabric_report(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")     # not UTF-8: the decoder's error, named as such
+    with pytest.raises(ValueError, match="not a readable build report"):
+        bench.fabric_report(path)
 
 
 def test_simulators_compare_amaranth_and_verilator():

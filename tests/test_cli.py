@@ -116,6 +116,51 @@ def test_unreadable_inputs_and_outputs(tmp_path, capsys):
     assert not (tmp_path / "o.npy").exists()
 
 
+def test_damaged_archives_and_odd_arrays_exit_2(tmp_path, capsys):
+    """Damage that numpy or zipfile report with errors other than the usual ones, and arrays of the wrong kind:
+    each is one line and exit 2, for model files and DTM files alike (found by fuzzing the loaders)."""
+    import zipfile
+    from importlib import resources
+
+    def refused(command, path, *words):
+        out = tmp_path / "o.npy"
+        code, _, err = run([*command, str(path), "-o", str(out)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists(), err
+        assert all(word in err for word in words), err
+
+    # A central directory entry that names a compression method zipfile does not know (99).
+    unknown_method = tmp_path / "method.npz"
+    save_model(unknown_method, grid_model(3, 3))
+    raw = bytearray(unknown_method.read_bytes())
+    entry = raw.index(b"PK\x01\x02")
+    raw[entry + 10:entry + 12] = (99).to_bytes(2, "little")
+    unknown_method.write_bytes(raw)
+    refused(["sample"], unknown_method, "compression method")
+
+    for name, arrays, words in (("h2d", dict(h=np.zeros((3, 3)), J=np.zeros((9, 9))), ("h must be one-dimensional",)),
+                                ("complex", dict(h=np.zeros(4), J=np.zeros((4, 4), complex)), ("J must be real",))):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        refused(["sample"], tmp_path / f"{name}.npz", *words)
+
+    with np.load(str(resources.files("opentsu") / "data" / "dtm_digits.npz")) as shipped:
+        arrays = {key: shipped[key] for key in shipped.files}
+    # A compressed member whose deflate stream is damaged.
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    raw = bytearray(compressed.read_bytes())
+    with zipfile.ZipFile(compressed) as archive:
+        member = archive.getinfo("J.npy")
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra)
+    raw[start:start + 64] = b"\xff" * 64      # zlib: invalid block type
+    compressed.write_bytes(raw)
+    refused(["dtm", "sample"], compressed, "corrupt array", "decompressing")
+    for key, value, words in (("version", np.ones((2, 2), np.int64), ("version",)),
+                              ("visible", np.full(64, np.nan), ("visible must hold integers",)),
+                              ("grid", np.array([10 ** 7, 10 ** 7]), ("does not match h",))):
+        np.savez(tmp_path / f"{key}.npz", **{**arrays, key: value})
+        refused(["dtm", "sample"], tmp_path / f"{key}.npz", *words)
+
+
 def test_compile_writes_an_image(model_file, tmp_path, capsys):
     from opentsu.compiler import Program
     path, _ = model_file

@@ -325,6 +325,7 @@ def test_cli_sample_writes_the_contract_array_and_a_png(tmp_path, capsys):
     (["dtm", "sample", "{bad}", "-o", "{out}"], "not an OpenTSU DTM file"),
     (["dtm", "sample", "-o", "{tmp}/no/such/dir/x.npy"], "does not exist"),
     (["dtm", "eval", "--data", "{tmp}/none.idx", "--no-float"], "no such file"),
+    (["dtm", "eval", "--mebm", "none", "--no-float", "--samples", "{bad}"], "not an .npy sample file"),
     (["dtm", "train", "-o", "{out}", "--final-flip", "0.7"], "final flip"),
     (["dtm", "train", "-o", "{out}", "--steps", "0"], "step count"),
     (["dtm", "train", "-o", "{out}", "--jumps", "0,1,3"], "DR,DC"),
