@@ -29,10 +29,10 @@ def read_input(path, error: type[Exception]) -> bytes:
         raise error(f"{path}: permission denied") from None
 
 
-#: What reading a damaged archive can raise: numpy's and zipfile's errors, zipfile's NotImplementedError for a
+#: What reading a damaged .npz or .npy file can raise: numpy's and zipfile's errors, zipfile's NotImplementedError for a
 #: header that names a compression method or zip version it does not know, zlib's for a damaged compressed
 #: member, and the tokenizer's and parser's for a damaged array header.
-_NPZ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error,
+_NUMPY_FILE_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error,
                tokenize.TokenError, SyntaxError)
 
 
@@ -46,7 +46,7 @@ def open_npz(path, error: type[Exception], what: str) -> np.lib.npyio.NpzFile:
         raise error(f"{path}: not an .npz {what} (it does not start with a zip header)")
     try:
         archive = np.load(io.BytesIO(raw), allow_pickle=False)
-    except _NPZ_ERRORS as exc:
+    except _NUMPY_FILE_ERRORS as exc:
         raise error(f"{path}: not a readable .npz {what} ({exc})") from None
     return archive
 
@@ -59,7 +59,7 @@ def read_npy(path, error: type[Exception], what: str) -> np.ndarray:
         raise error(f"{path}: not an .npy {what} (it does not start with the .npy magic string)")
     try:
         return np.load(io.BytesIO(raw), allow_pickle=False)
-    except _NPZ_ERRORS as exc:
+    except _NUMPY_FILE_ERRORS as exc:
         raise error(f"{path}: not a readable .npy {what} ({exc})") from None
 
 
@@ -67,7 +67,7 @@ def npz_arrays(archive: np.lib.npyio.NpzFile, keys, error: type[Exception], path
     """The arrays ``keys`` of an archive from ``open_npz``; raises ``error`` naming ``path`` if one is damaged."""
     try:
         return {key: archive[key] for key in keys}
-    except _NPZ_ERRORS as exc:
+    except _NUMPY_FILE_ERRORS as exc:
         raise error(f"{os.fspath(path)}: corrupt array in archive ({exc})") from None
 
 
