@@ -29,11 +29,11 @@ def read_input(path, error: type[Exception]) -> bytes:
         raise error(f"{path}: permission denied") from None
 
 
-#: What reading a damaged .npz or .npy file can raise: numpy's and zipfile's errors, zipfile's NotImplementedError for a
-#: header that names a compression method or zip version it does not know, zlib's for a damaged compressed
-#: member, and the tokenizer's and parser's for a damaged array header.
+#: What reading a damaged .npz or .npy file can raise: numpy's and zipfile's errors, zipfile's
+#: NotImplementedError for a header that names a compression method or zip version it does not know, zlib's
+#: for a damaged compressed member, and the tokenizer's and parser's for a damaged array header.
 _NUMPY_FILE_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error,
-               tokenize.TokenError, SyntaxError)
+                      tokenize.TokenError, SyntaxError)
 
 
 def open_npz(path, error: type[Exception], what: str) -> np.lib.npyio.NpzFile:
