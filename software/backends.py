@@ -20,7 +20,7 @@ import numpy as np
 
 from .cli import DeviceError, UsageError
 
-__all__ = ["run_sample", "run_sequence", "open_device", "SIM_CLOCK_HZ", "SIM_DIVISOR", "BOARD_BAUD"]
+__all__ = ["run_sample", "run_sequence", "open_device", "check_port", "transport_for_geometry", "SIM_CLOCK_HZ", "SIM_DIVISOR", "BOARD_BAUD"]
 
 #: The simulated board: a 12 MHz clock and the UART at 3 Mbaud (the iCEBreaker's link), divisor 4.
 SIM_CLOCK_HZ = 12_000_000
@@ -39,14 +39,13 @@ def open_device(backend: str, program, port: str | None = None):
     The device is reset (stopped, sample FIFO emptied) and checked against the program's fabric.
     """
     from .link import DeviceRejected, LinkError, MissingFeature, ProgramMismatch
-    if backend == "board" and not port:
-        raise UsageError("--backend board needs --port DEV (the board's serial port)")
+    check_port(backend, port)
     if backend not in ("sim", "verilator", "board"):
         raise DeviceError(f"the {backend} backend is not available in this build")
     if not getattr(program, "on_fabric", False):
         raise UsageError("the model has no grid; only the reference backend runs general graphs")
     try:
-        transport = _transport(backend, program, port)
+        transport = transport_for_geometry(backend, program.geometry, port)
     except (LinkError, DeviceRejected) as exc:
         raise DeviceError(_describe(exc, backend, port)) from None
     try:
@@ -66,15 +65,23 @@ def open_device(backend: str, program, port: str | None = None):
         transport.close()
 
 
-def _transport(backend, program, port):
+def check_port(backend: str, port: str | None) -> None:
+    """Raise ``UsageError`` if ``backend`` is ``board`` and no port is given."""
+    if backend == "board" and not port:
+        raise UsageError("--backend board needs --port DEV (the board's serial port)")
+
+
+def transport_for_geometry(backend: str, geometry, port: str | None):
+    """The transport of ``backend``: the serial port ``port`` of a board, or the simulated device of
+    ``geometry``'s fabric (``sim``: Amaranth's simulator; ``verilator``: compiled, cached per design)."""
     from .link import SerialTransport, SimTransport
     if backend == "board":
         return SerialTransport(port, BOARD_BAUD)
-    if backend == "verilator":   # the same device, compiled by Verilator (opentsu.verilator), cached per design
+    if backend == "verilator":
         from .verilator import transport_for
-        return transport_for(program.geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
+        return transport_for(geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
     from .gateware.device import Device as DeviceTop
-    top = DeviceTop(program.geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
+    top = DeviceTop(geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
     return SimTransport(top, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
 
 

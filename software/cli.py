@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_build(sub)
 
     from .dtm import register as register_dtm  # opentsu dtm {train,sample,eval}
+    from .selftest import register as register_selftest  # opentsu selftest
     register_dtm(sub)
+    register_selftest(sub)
     return parser
 
 
