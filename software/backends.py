@@ -20,7 +20,8 @@ import numpy as np
 
 from .cli import DeviceError, UsageError
 
-__all__ = ["run_sample", "run_sequence", "open_device", "check_port", "transport_for_geometry", "SIM_CLOCK_HZ", "SIM_DIVISOR", "BOARD_BAUD"]
+__all__ = ["run_sample", "run_sequence", "run_moments", "open_device", "check_entropy", "check_port",
+           "transport_for_geometry", "SIM_CLOCK_HZ", "SIM_DIVISOR", "BOARD_BAUD"]
 
 #: The simulated board: a 12 MHz clock and the UART at 3 Mbaud (the iCEBreaker's link), divisor 4.
 SIM_CLOCK_HZ = 12_000_000
@@ -65,6 +66,16 @@ def open_device(backend: str, program, port: str | None = None):
         transport.close()
 
 
+def check_entropy(backend: str, entropy: str) -> None:
+    """Raise ``UsageError`` unless ``entropy`` is a source ``backend`` has (the emulator has no TRNG)."""
+    from .link import ENTROPY_SOURCES
+    if entropy not in ENTROPY_SOURCES:
+        raise UsageError(f"unknown entropy source {entropy!r}; choose from {', '.join(ENTROPY_SOURCES)}")
+    if entropy == "trng" and backend == "reference":
+        raise UsageError("--entropy trng needs a device (--backend sim, verilator or board): the reference "
+                         "emulator has no TRNG")
+
+
 def check_port(backend: str, port: str | None) -> None:
     """Raise ``UsageError`` if ``backend`` is ``board`` and no port is given."""
     if backend == "board" and not port:
@@ -94,10 +105,12 @@ def _sequence_error(exc) -> UsageError:
     return UsageError(f"cannot run on the fabric: {exc}")
 
 
-def run_sequence(backend, program, ops, chains, seed, port=None) -> np.ndarray:
+def run_sequence(backend, program, ops, chains, seed, port=None, entropy="prng") -> np.ndarray:
     """Run ``ops`` once per chain, chain ``c`` seeded as global chain ``c``: (chains, captures, model nodes)
-    int8, as ``Emulator(program, chains, seed).run(ops)`` returns."""
+    int8, as ``Emulator(program, chains, seed).run(ops)`` returns (with ``entropy="prng"``; ``"trng"`` mixes
+    the device's TRNG into the lanes, ``link.Device.run``)."""
     from .sequence import SequenceError, captures
+    check_entropy(backend, entropy)
     if chains < 0:
         raise UsageError(f"chain count must be non-negative, not {chains}")
     if chains == 0:
@@ -105,19 +118,22 @@ def run_sequence(backend, program, ops, chains, seed, port=None) -> np.ndarray:
     with open_device(backend, program, port) as device:
         try:
             device.load_program(program)
-            out = [device.run(program, ops, seed=seed, chain=c)[:, program.node_map] for c in range(chains)]
+            out = [device.run(program, ops, seed=seed, chain=c, entropy=entropy)[:, program.node_map]
+                   for c in range(chains)]
         except SequenceError as exc:
             raise _sequence_error(exc) from None
     return np.stack(out).astype(np.int8)
 
 
-def run_sample(backend, program, n, chains, burn_in, thin, seed, port=None) -> np.ndarray:
-    """Contract §2 sampling on a device: (n, model nodes) int8, chain-major, equal to ``emulator.sample``.
+def run_sample(backend, program, n, chains, burn_in, thin, seed, port=None, entropy="prng") -> np.ndarray:
+    """Contract §2 sampling on a device: (n, model nodes) int8, chain-major, equal to ``emulator.sample`` (with
+    ``entropy="prng"``; ``"trng"`` mixes the device's TRNG into the lanes, ``link.Device.run``).
 
     Chain ``c`` runs ``sequence.sampling_sequence(count_c, burn_in, thin)`` with its own sample count.
     """
     from .emulator import chain_counts
     from .sequence import SequenceError, sampling_sequence
+    check_entropy(backend, entropy)
     if chains < 1 or n < 0:
         raise UsageError("need at least one chain and a non-negative sample count")
     counts = chain_counts(n, chains)
@@ -131,7 +147,7 @@ def run_sample(backend, program, n, chains, burn_in, thin, seed, port=None) -> n
             device.load_program(program)
             for chain, ops in enumerate(sequences):
                 if ops is not None:
-                    parts.append(device.run(program, ops, seed=seed, chain=chain)[:, program.node_map])
+                    parts.append(device.run(program, ops, seed=seed, chain=chain, entropy=entropy)[:, program.node_map])
         except SequenceError as exc:
             raise _sequence_error(exc) from None
     if not parts:
@@ -139,7 +155,7 @@ def run_sample(backend, program, n, chains, burn_in, thin, seed, port=None) -> n
     return np.concatenate(parts, axis=0).astype(np.int8)
 
 
-def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None):
+def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None, entropy="prng"):
     """On-chip moments (``sequence.moments_sequence``): ``emulator.Moments`` with one row per chain, chain
     ``c`` counting its ``emulator.chain_counts`` share of ``n`` samples. The reference backend is the
     emulator, whose counts the devices match bit for bit."""
@@ -149,6 +165,7 @@ def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None):
         raise UsageError("need at least one chain and a non-negative sample count")
     if not hasattr(program.geometry, "moment_partners"):
         raise UsageError("the model has no grid: on-chip moments need a fabric")
+    check_entropy(backend, entropy)
     counts = chain_counts(n, chains)
     try:
         sequences = [moments_sequence(count, burn_in, thin) for count in counts]
@@ -169,7 +186,7 @@ def run_moments(backend, program, n, chains, burn_in, thin, seed, port=None):
         try:
             device.load_program(program)
             for chain, ops in enumerate(sequences):
-                device.run(program, ops, seed=seed, chain=chain)
+                device.run(program, ops, seed=seed, chain=chain, entropy=entropy)
                 parts.append(device.read_moments(program))
         except SequenceError as exc:
             raise _sequence_error(exc) from None

@@ -74,13 +74,15 @@ def cmd_sample(args):
     if args.chains > args.n and args.n > 0:
         raise UsageError(f"--chains {args.chains} is more than the {args.n} samples asked for")
     start = time.perf_counter()
+    from .backends import check_entropy
+    check_entropy(args.backend, args.entropy)
     if args.backend == "reference":
         from .emulator import sample
         samples = sample(program, args.n, chains=args.chains, burn_in=args.burn_in, thin=args.thin, seed=args.seed)
     else:
         from .backends import run_sample
         samples = run_sample(args.backend, program, args.n, args.chains, args.burn_in, args.thin, args.seed,
-                             port=args.port)
+                             port=args.port, entropy=args.entropy)
     elapsed = time.perf_counter() - start
     save_npy(args.output, samples.astype(np.int8))
     if not args.quiet:
@@ -104,7 +106,7 @@ def cmd_moments(args):
         raise UsageError(f"--chains {args.chains} is more than the {args.n} samples asked for")
     start = time.perf_counter()
     moments = run_moments(args.backend, program, args.n, args.chains, args.burn_in, args.thin, args.seed,
-                          port=args.port)
+                          port=args.port, entropy=args.entropy)
     elapsed = time.perf_counter() - start
     summary = moments.for_model(program)
     with atomic_write(args.output) as f:
@@ -171,9 +173,17 @@ def _add_run_options(p, n_help, burn_in_help, thin_help):
     p.add_argument("--thin", type=_positive("thinning"), default=1, help=thin_help)
     p.add_argument("--seed", type=_positive("seed"), default=0)
     p.add_argument("--port", help="serial port of the board backend")
+    add_entropy_option(p)
     p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto; default: icebreaker "
                                     "when the model fits it")
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+def add_entropy_option(p):
+    """``--entropy``, for the verbs that run on a device (``link.ENTROPY_SOURCES``)."""
+    p.add_argument("--entropy", choices=("prng", "trng"), default="prng",
+                   help="the lanes' random source: prng (default; reproducible, the emulator's streams) or trng "
+                        "(the device's ring-oscillator TRNG mixed in; not reproducible; device backends only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

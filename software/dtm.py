@@ -487,11 +487,12 @@ def sample_float(model: DTM, n: int, seed: int = 0, sweeps: int | None = None, b
 
 
 def sample(model: DTM, n: int, seed: int = 0, backend: str = "reference", fabric="icebreaker", port=None,
-           program=None) -> np.ndarray:
+           program=None, entropy: str = "prng") -> np.ndarray:
     """Run the whole chain on a backend: (n, H, W) uint8 images, one chain per image.
 
     ``reference`` is the bit-exact emulator running ``chain_sequence`` on the compiled program; ``float``
-    is ``sample_float``. Other backends run the same program and sequence through ``opentsu.backends``.
+    is ``sample_float``. Other backends run the same program and sequence through ``opentsu.backends``,
+    ``entropy="trng"`` with the device's TRNG mixed into the lanes.
     """
     if n < 0:
         raise DTMError(f"sample count must be non-negative, not {n}")
@@ -514,7 +515,7 @@ def sample(model: DTM, n: int, seed: int = 0, backend: str = "reference", fabric
         run_sequence = getattr(backends, "run_sequence", None)
         if run_sequence is None:
             raise DeviceError(f"the {backend} backend cannot run fabric sequences in this build yet")
-        captured = run_sequence(backend, program, ops, n, seed, port=port)
+        captured = run_sequence(backend, program, ops, n, seed, port=port, entropy=entropy)
     return model.to_images(captured[:, -1])
 
 
@@ -901,6 +902,8 @@ def cmd_sample(args):
     _check_output(args.output)
     if args.png:
         _check_output(args.png)
+    from .backends import check_entropy
+    check_entropy(args.backend, args.entropy)
     model = _load_model(args.model)
     fabric = args.fabric or ("icebreaker" if args.model is None else None)
     try:
@@ -908,7 +911,8 @@ def cmd_sample(args):
     except (ModelError, TopologyError) as exc:
         raise _usage(f"{args.model or default_model_path()}: {exc}") from None
     start = time.perf_counter()
-    images = sample(model, args.n, seed=args.seed, backend=args.backend, program=program, port=args.port)
+    images = sample(model, args.n, seed=args.seed, backend=args.backend, program=program, port=args.port,
+                    entropy=args.entropy)
     elapsed = time.perf_counter() - start
     save_npy(args.output, images.astype(np.uint8))
     if args.png:
@@ -1023,7 +1027,7 @@ def _seed_list(text):
 
 def register(subparsers):
     """Add ``opentsu dtm {train,sample,eval}`` to the CLI's subparsers."""
-    from .cli import _positive
+    from .cli import _positive, add_entropy_option
     parser = subparsers.add_parser("dtm", help="Denoising Thermodynamic Models: train, sample, evaluate")
     sub = parser.add_subparsers(dest="dtm_command", required=True, parser_class=type(parser))
 
@@ -1069,6 +1073,7 @@ def register(subparsers):
     p.add_argument("--png-count", type=_positive("count"), default=100, help="images in the PNG grid")
     p.add_argument("--fabric", help="fabric preset or auto (default: icebreaker for the shipped model)")
     p.add_argument("--port", help="serial port of the board backend")
+    add_entropy_option(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
 

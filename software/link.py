@@ -25,7 +25,7 @@ from .protocol import (FRAME_OVERHEAD, MAX_READ_COUNT, MAX_REQUEST_PAYLOAD, PROT
                        samples_response_bytes, word_bytes)
 
 __all__ = ["Transport", "SerialTransport", "SimTransport", "HostLatency", "Link", "Device", "LinkError",
-           "DeviceRejected", "MissingFeature", "ProgramMismatch", "FORMATS_REVISION"]
+           "DeviceRejected", "MissingFeature", "ProgramMismatch", "EntropyAlarm", "ENTROPY_SOURCES", "FORMATS_REVISION"]
 
 #: The number-format revision (``Identity.formats``) this host's compiler and emulator implement.
 FORMATS_REVISION = 1
@@ -49,6 +49,15 @@ class ProgramMismatch(Exception):
 
 class MissingFeature(Exception):
     """The device was built without a feature the request needs (``Identity``: TRNG, moment counters)."""
+
+
+class EntropyAlarm(LinkError):
+    """The TRNG's health tests raised their alarm during a run that mixed its bits into the lanes."""
+
+
+#: The lanes' random sources a run may use: ``prng`` alone (reproducible: the emulator's streams) or ``trng``,
+#: the ring-oscillator TRNG's bits mixed into them (``devicemap.Flags.TRNG_MIX``; not reproducible).
+ENTROPY_SOURCES = ("prng", "trng")
 
 
 # ------------------------------------------------------------------------------------------------- transports
@@ -657,7 +666,8 @@ class Device:
         self.check_program(program)
         self.writes(program_writes(program))
 
-    def run(self, program, ops, seed: int, chain: int, *, poll: float = 0.002, timeout: float | None = None):
+    def run(self, program, ops, seed: int, chain: int, *, poll: float = 0.002, timeout: float | None = None,
+            entropy: str = "prng"):
         """Run ``ops`` (``opentsu.sequence``) for global chain ``chain`` and return its captures,
         (captures, fabric nodes) int8.
 
@@ -671,8 +681,14 @@ class Device:
         link failed, or the caller was interrupted), the next run first RESETs the device. A sequence whose
         result would depend on the spins the previous run left (``sequence.previous_run_dependence``) raises
         ``SequenceError`` before anything is sent.
+
+        ``entropy="trng"`` mixes the TRNG's bits into the lane generators (the device must have one, else
+        ``MissingFeature`` before anything is sent); the samples are then no longer the emulator's. If the
+        TRNG's health tests raise their sticky alarm during such a run, the samples are discarded and
+        ``EntropyAlarm`` raised.
         """
         import numpy as np
+        from .devicemap import Flags as RunFlags
         from .devicemap import seed_writes, sequence_writes, unpack_capture
         from .sequence import Opcode, SequenceError, captures, previous_run_dependence
         g = program.geometry
@@ -681,6 +697,11 @@ class Device:
         problem = previous_run_dependence(ops, lambda l: l < len(layers) and bool(np.any(layers[l].coupling)))
         if problem:
             raise SequenceError(problem)
+        if entropy not in ENTROPY_SOURCES:
+            raise ValueError(f"entropy must be one of {', '.join(ENTROPY_SOURCES)}, not {entropy!r}")
+        if entropy == "trng" and not ident.trng:
+            raise MissingFeature("this device was built without the ring-oscillator TRNG (--no-trng, or a "
+                                 "simulation without it): sample with the PRNG streams (--entropy prng)")
         accumulates = any(op.code is Opcode.ACCUMULATE for op in ops)
         if accumulates:
             self.require_moments()
@@ -694,7 +715,7 @@ class Device:
         wire_time = expected * ident.sample_word_bytes * self.link.byte_time
         if timeout is None:
             timeout = 10 * self.link.timeout + 4 * (fabric_time + wire_time)
-        self.start()
+        self.start(RunFlags.TRNG_MIX if entropy == "trng" else 0)
         started = self.transport.now()
         deadline = started + timeout
 
@@ -710,6 +731,9 @@ class Device:
             pause()
             self.status()
         self._run_interrupted = False
+        if entropy == "trng" and self.flags & Flags.TRNG_ALARM:
+            raise EntropyAlarm("the TRNG's health tests raised their alarm during the run (its bits were mixed "
+                               "into the lanes unchecked), so its samples are discarded; RESET clears the alarm")
         caps = [unpack_capture(words[k:k + g.cycles], g) for k in range(0, expected, g.cycles)]
         return np.array(caps, dtype=np.int8).reshape(-1, g.n)
 

@@ -89,6 +89,16 @@ def test_degree_above_fabric_maximum(tmp_path, capsys):
     assert not (tmp_path / "p.tsu").exists()
 
 
+@pytest.mark.parametrize("verb", ["sample", "moments"])
+def test_trng_entropy_on_the_emulator_is_bad_usage(verb, tmp_path, capsys):
+    model = tmp_path / "m.npz"
+    save_model(model, grid_model(4, 4))
+    out = tmp_path / ("o.npy" if verb == "sample" else "o.npz")
+    code, _, err = run([verb, str(model), "-o", str(out), "--entropy", "trng"], capsys)
+    assert code == 2 and "the reference emulator has no TRNG" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_unreadable_inputs_and_outputs(tmp_path, capsys):
     for target, message in ((tmp_path / "nope.npz", "no such file"), (tmp_path, "directory")):
         code, _, err = run(["sample", str(target), "-o", str(tmp_path / "o.npy")], capsys)

@@ -322,6 +322,7 @@ def test_cli_sample_writes_the_contract_array_and_a_png(tmp_path, capsys):
     (["dtm", "sample", "missing.npz", "-o", "{out}"], "no such file"),
     (["dtm", "sample", "-o", "{out}", "-n", "-3"], "count"),
     (["dtm", "sample", "-o", "{out}", "--backend", "fpga"], "invalid choice"),
+    (["dtm", "sample", "-o", "{out}", "--entropy", "trng"], "the reference emulator has no TRNG"),
     (["dtm", "sample", "{bad}", "-o", "{out}"], "not an OpenTSU DTM file"),
     (["dtm", "sample", "-o", "{tmp}/no/such/dir/x.npy"], "does not exist"),
     (["dtm", "eval", "--data", "{tmp}/none.idx", "--no-float"], "no such file"),

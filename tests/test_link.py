@@ -17,7 +17,8 @@ import pytest
 from opentsu.cli import main
 from opentsu.compiler import compile_model
 from opentsu.fabric import FabricConfig
-from opentsu.link import (Device, DeviceRejected, Link, LinkError, ProgramMismatch, SerialTransport, Transport)
+from opentsu.link import (Device, DeviceRejected, EntropyAlarm, Link, LinkError, MissingFeature, ProgramMismatch,
+                          SerialTransport, Transport)
 from opentsu.model import save_model
 from opentsu.protocol import (PROTOCOL_VERSION, Command, Flags, FrameDecoder, Identity, Result, StatusReport,
                               crc16)
@@ -553,3 +554,61 @@ def test_cli_moments_on_a_board_without_the_counters_is_a_usage_error(model_file
     assert code == 2 and "without the on-chip moment counters" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
     assert Command.WRITE not in script.commands and Command.START not in script.commands
+
+
+# ------------------------------------------------------------------------------------------------ entropy
+
+class Recording(Script):
+    """A ``Script`` that records every START's flags byte and can report the TRNG alarm in its SAMPLES
+    responses."""
+
+    def __init__(self, *args, alarm=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_flags, self.alarm = [], alarm
+
+    def handle(self, command, seq, payload):
+        if command == Command.START:
+            self.start_flags.append(payload[0])
+        frame = super().handle(command, seq, payload)
+        if command == Command.SAMPLES and self.alarm:   # set the flag bit and mend the CRC
+            body = bytearray(frame[2:-2])
+            body[4] |= Flags.TRNG_ALARM
+            frame = frame[:2] + bytes(body) + crc16(bytes(body)).to_bytes(2, "little")
+        return frame
+
+
+def entropy_device(program, *, trng=True, alarm=False):
+    from opentsu.devicemap import unpack_capture
+    g = program.geometry
+    words = [k % (1 << g.lanes) for k in range(2 * g.cycles)]
+    script = Recording(identity_for(CONFIG, g.cycles, g.degree, trng=trng), samples=chunked(words, [8]),
+                       alarm=alarm)
+    expected = np.array([unpack_capture(words[c * g.cycles:(c + 1) * g.cycles], g) for c in range(2)])
+    return script, Device(ScriptedDevice(script), timeout=0.01), sampling_sequence(2, 0, 1), expected
+
+
+def test_trng_entropy_sets_the_mix_flag_of_start(program):
+    from opentsu.devicemap import Flags as RunFlags
+    script, device, ops, expected = entropy_device(program)
+    assert np.array_equal(device.run(program, ops, seed=0, chain=0), expected)
+    script.samples = chunked([k % (1 << program.geometry.lanes) for k in range(2 * program.geometry.cycles)], [8])
+    assert np.array_equal(device.run(program, ops, seed=0, chain=0, entropy="trng"), expected)
+    assert script.start_flags == [0, RunFlags.TRNG_MIX]
+
+
+def test_trng_entropy_needs_a_trng_and_a_known_source(program):
+    script, device, ops, _ = entropy_device(program, trng=False)
+    with pytest.raises(MissingFeature, match="without the ring-oscillator TRNG"):
+        device.run(program, ops, seed=0, chain=0, entropy="trng")
+    with pytest.raises(ValueError, match="entropy must be one of prng, trng, not 'quantum'"):
+        device.run(program, ops, seed=0, chain=0, entropy="quantum")
+    assert Command.WRITE not in script.commands and Command.START not in script.commands   # nothing sent
+
+
+def test_a_trng_alarm_during_a_mixed_run_discards_its_samples(program):
+    script, device, ops, expected = entropy_device(program, alarm=True)
+    with pytest.raises(EntropyAlarm, match="health tests raised their alarm during the run"):
+        device.run(program, ops, seed=0, chain=0, entropy="trng")
+    # A PRNG-only run does not use the TRNG's bits: the alarm is the TRNG's news, not the run's.
+    script.samples = chunked([k % (1 << program.geometry.lanes) for k in range(2 * program.geometry.cycles)], [8])
+    assert np.array_equal(device.run(program, ops, seed=0, chain=0), expected)

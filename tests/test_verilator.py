@@ -22,12 +22,12 @@ from opentsu import verilator
 from opentsu.cli import main
 from opentsu.compiler import compile_model
 from opentsu.emulator import Emulator, sample
-from opentsu.exact import moment_errors
+from opentsu.exact import exact_distribution, moment_errors
 from opentsu.formats import SEED_STEPS, lane_seed_states, seed_injection, xoroshiro64_step
 from opentsu.gateware.rng import LaneRNG
 from opentsu.link import Device, HostLatency, LinkError, Transport
 from opentsu.model import save_model
-from opentsu.protocol import Command, FrameDecoder
+from opentsu.protocol import Command, Flags, FrameDecoder
 from opentsu.sequence import sampling_sequence
 
 from .util import grid_model
@@ -191,6 +191,33 @@ def test_distribution_through_the_device_matches_exact_enumeration(model, progra
     assert np.array_equal(samples.reshape(-1, model.n), reference)
     # ...and the right distribution: every mean and edge correlation within 4 standard errors (multi-chain
     # ESS) of the exact moments.
+    clamped = np.flatnonzero(model.clamp)
+    assert np.all(samples[..., clamped] == model.clamp[clamped])
+    z_mean, z_pair = moment_errors(samples, model)
+    assert np.abs(z_mean).max() < 4, z_mean
+    assert np.abs(z_pair).max() < 4, z_pair
+
+
+def test_trng_mixing_leaves_the_prng_streams_and_keeps_the_distribution(model, program, device_build):
+    """``entropy="trng"``: the device's TRNG (here its simulation model) stirs the lanes, so the chains leave
+    the emulator's streams, and the samples still have the exact moments."""
+    chains, per_chain, seed = 8, 12_500, 3
+    ops = sampling_sequence(per_chain, burn_in=20, thin=1)
+    with open_transport(device_build) as transport:
+        device = Device(transport, timeout=0.005)
+        assert device.identity.trng
+        device.load_program(program)
+        runs = [device.run(program, ops, seed=seed, chain=c, entropy="trng")[:, program.node_map]
+                for c in range(chains)]
+        assert not device.flags & Flags.TRNG_ALARM
+    samples = np.stack(runs)
+    reference = sample(program, chains * per_chain, chains=chains, burn_in=20, seed=seed).reshape(samples.shape)
+    # Equal by chance only: a chain's samples agree with the PRNG-only chain's as often as two independent
+    # draws do, Σ p(s)² over the exact distribution (0.0021 here), within 8 standard errors of that rate.
+    _, p = exact_distribution(model)
+    collision = float((p ** 2).sum())
+    agree = (samples == reference).all(axis=2).mean(axis=1)
+    assert agree.max() < collision + 8 * np.sqrt(collision / per_chain), (agree, collision)
     clamped = np.flatnonzero(model.clamp)
     assert np.all(samples[..., clamped] == model.clamp[clamped])
     z_mean, z_pair = moment_errors(samples, model)
