@@ -100,6 +100,7 @@ def run_checks(device, seed: int = 1, log=None) -> list[Check]:
     what the driver raises when the link itself fails (``LinkError``, ``DeviceRejected``)."""
     from .devicemap import Region, program_writes, sequence_writes
     from .fabric import FabricGeometry
+    from .link import EntropyAlarm
     from .protocol import Flags
     from .sequence import Op, Opcode
 
@@ -132,7 +133,7 @@ def run_checks(device, seed: int = 1, log=None) -> list[Check]:
            (f": {len(wrong)} differ, the first at offset {wrong[0]} ({got[wrong[0]]:#06x}, wrote "
             f"{written[wrong[0]]:#06x})" if wrong else ", identical"))
 
-    ops = selftest_sequence(len(program.layers))
+    ops = sampling_ops = selftest_sequence(len(program.layers))
     chain = 3
     captured = device.run(program, ops, seed=seed, chain=chain)
     expected, _ = _emulate(program, ops, seed, chain)
@@ -161,12 +162,22 @@ def run_checks(device, seed: int = 1, log=None) -> list[Check]:
     else:
         record("moments", None, "this device has no on-chip moment counters")
 
-    status = device.status()
-    alarm = bool(device.flags & Flags.TRNG_ALARM)
     if ident.trng:
-        record("trng", not alarm and status.trng_failures == 0,
-               f"health-test alarm {'raised' if alarm else 'clear'}, {status.trng_failures} failures counted")
+        # The sampling check's run again with the TRNG mixed in: the chain must leave the PRNG's streams.
+        try:
+            mixed = device.run(program, sampling_ops, seed=seed, chain=chain, entropy="trng")
+            differ = int((mixed != captured).sum())
+        except EntropyAlarm:
+            differ = None
+        status = device.status()
+        alarm = bool(device.flags & Flags.TRNG_ALARM)
+        record("trng", not alarm and status.trng_failures == 0 and bool(differ),
+               f"health-test alarm {'raised' if alarm else 'clear'}, {status.trng_failures} failures counted; "
+               + ("the mixed run was discarded" if differ is None else
+                  f"mixed into the lanes, the same run ends {differ} of {captured.size} spins away from the "
+                  "PRNG-only one"))
     else:
+        status = device.status()
         record("trng", None, "this device has no TRNG")
 
     errors = {"CRC errors": status.crc_errors, "framing errors": status.framing_errors,
