@@ -20,7 +20,7 @@ import numpy as np
 
 from .cli import DeviceError, UsageError
 
-__all__ = ["run_sample", "run_sequence", "run_moments", "open_device", "check_entropy", "check_port",
+__all__ = ["run_sample", "run_sequence", "run_moments", "open_device", "board_fabric", "check_entropy", "check_port",
            "transport_for_geometry", "SIM_CLOCK_HZ", "SIM_DIVISOR", "BOARD_BAUD"]
 
 #: The simulated board: a 12 MHz clock and the UART at 3 Mbaud (the iCEBreaker's link), divisor 4.
@@ -94,6 +94,22 @@ def transport_for_geometry(backend: str, geometry, port: str | None):
     from .gateware.device import Device as DeviceTop
     top = DeviceTop(geometry, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
     return SimTransport(top, clock_hz=SIM_CLOCK_HZ, divisor=SIM_DIVISOR)
+
+
+def board_fabric(port: str):
+    """The fabric of the board on ``port``, from its IDENTIFY answer (``opentsu.fabric.FabricConfig``): what a
+    program for it is compiled for when no ``--fabric`` is given."""
+    from .link import Device, DeviceRejected, LinkError
+    try:
+        transport = transport_for_geometry("board", None, port)
+    except (LinkError, DeviceRejected) as exc:
+        raise DeviceError(_describe(exc, "board", port)) from None
+    try:
+        return Device(transport, timeout=BOARD_TIMEOUT).identity.config()
+    except (LinkError, DeviceRejected) as exc:
+        raise DeviceError(_describe(exc, "board", port)) from None
+    finally:
+        transport.close()
 
 
 def _describe(exc, backend, port) -> str:

@@ -44,12 +44,17 @@ def _positive(kind):
     return parse
 
 
-def _load_program(path, fabric=None, lanes=None, allow_virtual=False):
+def _load_program(path, fabric=None, lanes=None, allow_virtual=False, board_port=None):
+    """The model file at ``path`` and its program for ``fabric``; with no ``fabric`` and a ``board_port``,
+    for the fabric of the board on that port (its IDENTIFY answer), asked once the file has been read."""
     from .compiler import compile_model
     from .model import ModelError, load_model
     from .topology import TopologyError
     try:
         model = load_model(path)
+        if fabric is None and board_port:
+            from .backends import board_fabric
+            fabric = board_fabric(board_port)
         return model, compile_model(model, fabric=fabric, lanes=lanes, allow_virtual=allow_virtual)
     except (ModelError, TopologyError) as exc:
         raise UsageError(str(exc)) from None
@@ -69,13 +74,14 @@ def _check_output(path):
 
 def cmd_sample(args):
     from .fileio import save_npy
+    from .backends import check_entropy
     _check_output(args.output)
-    model, program = _load_program(args.model, args.fabric, allow_virtual=args.backend == "reference")
+    check_entropy(args.backend, args.entropy)
+    model, program = _load_program(args.model, args.fabric, allow_virtual=args.backend == "reference",
+                                   board_port=args.port if args.backend == "board" else None)
     if args.chains > args.n and args.n > 0:
         raise UsageError(f"--chains {args.chains} is more than the {args.n} samples asked for")
     start = time.perf_counter()
-    from .backends import check_entropy
-    check_entropy(args.backend, args.entropy)
     if args.backend == "reference":
         from .emulator import sample
         samples = sample(program, args.n, chains=args.chains, burn_in=args.burn_in, thin=args.thin, seed=args.seed)
@@ -98,8 +104,10 @@ def cmd_sample(args):
 def cmd_moments(args):
     from .backends import run_moments
     from .fileio import atomic_write
+    from .backends import check_entropy
     _check_output(args.output)
-    model, program = _load_program(args.model, args.fabric)
+    check_entropy(args.backend, args.entropy)
+    model, program = _load_program(args.model, args.fabric, board_port=args.port if args.backend == "board" else None)
     if not program.on_fabric:
         raise UsageError(f"{args.model}: the model has no grid; on-chip moments need a fabric")
     if args.chains > args.n and args.n > 0:
@@ -174,8 +182,8 @@ def _add_run_options(p, n_help, burn_in_help, thin_help):
     p.add_argument("--seed", type=_positive("seed"), default=0)
     p.add_argument("--port", help="serial port of the board backend")
     add_entropy_option(p)
-    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto; default: icebreaker "
-                                    "when the model fits it")
+    p.add_argument("--fabric", help="fabric preset (icebreaker, hx8k, icestick) or auto; default: the board's own "
+                                    "with --backend board, else icebreaker when the model fits it")
     p.add_argument("-q", "--quiet", action="store_true")
 
 

@@ -906,6 +906,9 @@ def cmd_sample(args):
     check_entropy(args.backend, args.entropy)
     model = _load_model(args.model)
     fabric = args.fabric or ("icebreaker" if args.model is None else None)
+    if args.fabric is None and args.backend == "board" and args.port:   # the board's own fabric
+        from .backends import board_fabric
+        fabric = board_fabric(args.port)
     try:
         program = model.compile(fabric, allow_virtual=args.backend == "reference" and fabric is None)
     except (ModelError, TopologyError) as exc:
@@ -1071,7 +1074,8 @@ def register(subparsers):
     p.add_argument("--seed", type=_positive("seed"), default=0)
     p.add_argument("--png", metavar="GRID.png", help="also write a grid of the first images as a PNG")
     p.add_argument("--png-count", type=_positive("count"), default=100, help="images in the PNG grid")
-    p.add_argument("--fabric", help="fabric preset or auto (default: icebreaker for the shipped model)")
+    p.add_argument("--fabric", help="fabric preset or auto (default: the board's own with --backend board, "
+                                    "else icebreaker for the shipped model)")
     p.add_argument("--port", help="serial port of the board backend")
     add_entropy_option(p)
     p.add_argument("-q", "--quiet", action="store_true")

@@ -474,12 +474,12 @@ def test_cli_silent_port_fails_within_seconds(model_file, tmp_path, pty_pair, ca
 
 
 def test_cli_board_with_another_fabric_is_a_usage_error(model_file, tmp_path, pty_device, capsys):
-    # The model compiles for the iCEBreaker fabric by default; this board has a 4×4 one.
+    # The model is compiled for the iCEBreaker fabric, as asked; this board has a 4×4 one.
     program = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric=CONFIG)
     script = Script(identity_for(CONFIG, program.geometry.cycles, program.geometry.degree))
     out = tmp_path / "s.npy"
-    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board",
-                            "--port", pty_device(script), "-n", "4"], capsys)
+    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board", "--fabric",
+                            "icebreaker", "--port", pty_device(script), "-n", "4"], capsys)
     assert code == 2 and "compiled for a 16×16" in err and "the device has a 4×4" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
     assert Command.WRITE not in script.commands
@@ -522,6 +522,33 @@ def test_cli_board_samples_through_the_serial_port(model_file, tmp_path, pty_dev
     for row in (1, 3):
         assert np.array_equal(got[row], lane0_only)
     assert script.commands.count(Command.START) == 2
+
+
+def test_cli_board_without_fabric_compiles_for_the_boards_own(model_file, tmp_path, pty_device, capsys):
+    """No --fabric with --backend board: the program is compiled for the fabric the board reports (here a
+    4×4 torus with 2 lanes, which is no preset), then sampled."""
+    g = compile_model(grid_model(4, 4, ((0, 1),), seed=3), fabric=CONFIG).geometry
+    words = []
+
+    class Board(Script):
+        def handle(self, command, seq, payload):
+            if command == Command.START:     # one capture, every lane +1
+                words[:] = [(1 << g.lanes) - 1] * g.cycles
+            return super().handle(command, seq, payload)
+
+    def samples(max_words):
+        sent = words[:max_words]
+        del words[:len(sent)]
+        return 0, sent, False
+
+    script = Board(identity_for(CONFIG, g.cycles, g.degree), samples=samples)
+    out = tmp_path / "s.npy"
+    code, err, _ = run_cli(["sample", str(model_file), "-o", str(out), "--backend", "board", "--port",
+                            pty_device(script), "-n", "1", "--chains", "1", "--burn-in", "0"], capsys)
+    assert code == 0, err
+    assert "on board (4×4 torus, jumps [(0, 1)], 2 lanes, 1 layers" in err
+    assert np.array_equal(np.load(out), np.ones((1, 16), dtype=np.int8))
+    assert script.commands.count(Command.IDENTIFY) == 2      # once to compile, once to run
 
 
 def test_identity_reports_the_optional_features():
