@@ -4,7 +4,8 @@
    moments counted by the fabric's on-chip accumulators (ACCUMULATE).
 2. The shipped digits DTM: the whole denoising chain on the emulator (a PNG grid of samples), then the
    same chains on the simulated board, through its UART pins, checked identical to the emulator.
-3. (``make demo`` then builds the iCEBreaker bitstream with ``opentsu build``.)
+3. ``opentsu selftest``'s bring-up checks on the simulated iCEBreaker device (Verilator only).
+4. (``make demo`` then builds the iCEBreaker bitstream with ``opentsu build``.)
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ def _dtm(out):
         raise RuntimeError("the simulated board disagrees with the emulator")
 
 
+def _selftest():
+    """``opentsu selftest``'s checks, which a board gets after flashing, on the Verilator device."""
+    from . import selftest
+    from .backends import SIM_TIMEOUT, transport_for_geometry
+    from .fabric import PRESETS, FabricGeometry
+    from .link import Device
+    from .verilator import ToolchainError, toolchain
+    try:
+        toolchain()
+    except ToolchainError as exc:
+        print(f"   (skipped: {exc}; the Amaranth simulator would take minutes)")
+        return
+    transport = transport_for_geometry("verilator", FabricGeometry(PRESETS["icebreaker"]), None)
+    try:
+        checks = selftest.run_checks(Device(transport, timeout=SIM_TIMEOUT),
+                                     log=lambda check: print(f"   {selftest.format_check(check)}"))
+    finally:
+        transport.close()
+    if any(check.passed is False for check in checks):
+        raise RuntimeError("the simulated board failed its self-test")
+
+
 def run(args):
     from .compiler import compile_model
     from .model import load_model
@@ -105,3 +128,5 @@ def run(args):
     _ising(model, program)
     print("2. Denoising Thermodynamic Model (the shipped digits model)")
     _dtm(args.out)
+    print("3. Bring-up self-test (`opentsu selftest --port DEV` on a board), on the simulated iCEBreaker device")
+    _selftest()

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Check", "random_program", "selftest_sequence", "run_checks", "register"]
+__all__ = ["Check", "format_check", "random_program", "selftest_sequence", "run_checks", "register"]
 
 #: Sweeps each layer runs in the sampling check, and the samples the moment check counts.
 SWEEPS_PER_LAYER = 3
@@ -34,6 +34,11 @@ class Check:
     name: str
     passed: bool | None
     detail: str
+
+
+def format_check(check: Check) -> str:
+    """One line: PASS, FAIL or skip, the check's name and what it found."""
+    return f"{ {True: 'PASS', False: 'FAIL', None: 'skip'}[check.passed]}  {check.name:9s} {check.detail}"
 
 
 def random_program(geometry, seed: int):
@@ -220,10 +225,8 @@ def cmd_selftest(args):
         transport, where = _open(args)
     except (LinkError, DeviceRejected) as exc:
         raise DeviceError(f"cannot open the {args.backend} device: {exc}") from None
-    marks = {True: "PASS", False: "FAIL", None: "skip"}
-
     def show(check):
-        print(f"  {marks[check.passed]}  {check.name:9s} {check.detail}", flush=True)
+        print(f"  {format_check(check)}", flush=True)
 
     start = time.perf_counter()
     print(f"opentsu selftest: {where}")
