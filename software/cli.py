@@ -73,8 +73,8 @@ def _check_output(path):
 # sample
 
 def cmd_sample(args):
-    from .fileio import save_npy
     from .backends import check_entropy
+    from .fileio import save_npy
     _check_output(args.output)
     check_entropy(args.backend, args.entropy)
     model, program = _load_program(args.model, args.fabric, allow_virtual=args.backend == "reference",
@@ -102,12 +102,12 @@ def cmd_sample(args):
 # moments
 
 def cmd_moments(args):
-    from .backends import run_moments
+    from .backends import check_entropy, run_moments
     from .fileio import atomic_write
-    from .backends import check_entropy
     _check_output(args.output)
     check_entropy(args.backend, args.entropy)
-    model, program = _load_program(args.model, args.fabric, board_port=args.port if args.backend == "board" else None)
+    model, program = _load_program(args.model, args.fabric,
+                                   board_port=args.port if args.backend == "board" else None)
     if not program.on_fabric:
         raise UsageError(f"{args.model}: the model has no grid; on-chip moments need a fabric")
     if args.chains > args.n and args.n > 0:
@@ -189,7 +189,8 @@ def _add_run_options(p, n_help, burn_in_help, thin_help):
 
 def add_entropy_option(p):
     """``--entropy``, for the verbs that run on a device (``link.ENTROPY_SOURCES``)."""
-    p.add_argument("--entropy", choices=("prng", "trng"), default="prng",
+    from .link import ENTROPY_SOURCES
+    p.add_argument("--entropy", choices=ENTROPY_SOURCES, default="prng",
                    help="the lanes' random source: prng (default; reproducible, the emulator's streams) or trng "
                         "(the device's ring-oscillator TRNG mixed in; not reproducible; device backends only)")
 
