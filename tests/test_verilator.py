@@ -174,6 +174,25 @@ def test_cli_sample_is_identical_on_reference_sim_and_verilator(model, device_bu
     assert np.array_equal(outputs["sim"], outputs["reference"])
 
 
+def test_cli_trng_entropy_reaches_the_device_for_sample_and_dtm_sample(model, device_build, tmp_path):
+    """``--entropy trng`` through the CLI: the runs succeed and leave the reproducible (emulator's) results."""
+    from opentsu import dtm
+    path = tmp_path / "model.npz"
+    save_model(path, model)
+    common = ["--seed", "17", "-q"]
+    for backend in ("reference", "verilator"):
+        entropy = ["--entropy", "trng"] if backend == "verilator" else []
+        assert main(["sample", str(path), "-o", str(tmp_path / f"{backend}.npy"), "--backend", backend, "--fabric",
+                     "auto", "-n", "30", "--chains", "3", *common, *entropy]) == 0
+    mixed, reference = np.load(tmp_path / "verilator.npy"), np.load(tmp_path / "reference.npy")
+    assert mixed.shape == reference.shape == (30, 16) and not np.array_equal(mixed, reference)
+    assert main(["dtm", "sample", "-o", str(tmp_path / "d.npy"), "--backend", "verilator", "-n", "4",
+                 "--entropy", "trng", *common]) == 0
+    images = np.load(tmp_path / "d.npy")
+    assert images.shape == (4, 8, 8) and set(np.unique(images)) <= {0, 1}
+    assert not np.array_equal(images, dtm.sample(dtm.load(dtm.default_model_path()), 4, seed=17))
+
+
 def test_distribution_through_the_device_matches_exact_enumeration(model, program, device_build):
     chains, per_chain, seed = 8, 12_500, 3
     ops = sampling_sequence(per_chain, burn_in=20, thin=1)
