@@ -51,14 +51,14 @@ def random_program(geometry, seed: int):
     grid = Grid(cfg.rows, cfg.cols, tuple(tuple(j) for j in cfg.jumps), torus=True)
     rng = np.random.default_rng(seed)
     eighths = lambda low, high, size: rng.integers(8 * low, 8 * high + 1, size=size) / 8   # noqa: E731
+    edges, clamped = grid.edges, max(1, grid.n // 32)
     layers = []
     for _ in range(cfg.layers):
         J = np.zeros((grid.n, grid.n))
-        edges = grid.edges
         J[edges[:, 0], edges[:, 1]] = eighths(-1, 1, len(edges))
         J[edges[:, 1], edges[:, 0]] = J[edges[:, 0], edges[:, 1]]
         clamp = np.zeros(grid.n, dtype=np.int8)
-        clamp[rng.choice(grid.n, size=max(1, grid.n // 32), replace=False)] = rng.choice((-1, 1))
+        clamp[rng.choice(grid.n, size=clamped, replace=False)] = rng.choice((-1, 1), size=clamped)
         layers.append(FloatLayer(h=eighths(-1, 1, grid.n), J=J, c=eighths(-0.5, 0.5, grid.n), clamp=clamp))
     return compile_layers(grid, layers, fabric=cfg)
 
